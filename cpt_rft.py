@@ -1,0 +1,249 @@
+"""Continual post-training by reinforcement fine-tuning (RFT): GRPO, written out.
+
+The model learns the tasks one after another, with no replay. One GRPO step on a batch of prompts:
+  1. rollout   G completions per prompt from the current model (temperature, max new tokens)
+  2. reward    r = 0.9 * accuracy + 0.1 * format, from the task's verifier (data/rewards.py)
+  3. advantage per group of G:  grpo  A = (r - mean) / (std + eps)   (std unbiased, eps = ADV_EPS)
+                                rloo  A = r - mean of the other G-1
+                                remax A = r - reward of the greedy completion
+  4. loss      per token t: -min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A) + kl_coef * k3(t),
+               rho_t = pi(y_t) / pi_old(y_t), k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen start model,
+               aggregated by --loss_agg with normalisers counted over the *global* batch (all micro-batches and
+               ranks), so accumulation and world size do not change the gradient.
+A group whose rewards are all equal has A = 0: it teaches nothing (P1's "selective update"); --skip_zero_var drops
+such groups before the update, --rif MODE drops such instances before the stage (filter.py).
+After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
+
+    python cpt_rft.py                                 # the tiny default, a few minutes on 2 CPU cores
+    python cpt_rft.py --multitask                     # all tasks at once: the upper bound
+    python cpt_rft.py --rif zero_variance             # RIF-RFT (P1)
+    python cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --format boxed --lr 1e-6 \\
+        --kl_coef 0.01 --group 8 --max_new_tokens 512
+    torchrun --standalone --nproc_per_node=8 cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...
+"""
+import argparse
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import Stream
+from filter import filter_items, zero_variance
+
+ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
+STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
+
+
+# ----------------------------------------------------------------------------- the formulas
+
+def group_advantages(rewards, estimator="grpo", baseline=None, eps=ADV_EPS):
+    """Advantages for rewards of shape [groups, G]. `baseline` [groups] is the greedy reward (remax only).
+    An all-equal group gets exactly 0 under every estimator."""
+    if estimator == "grpo":
+        mean = rewards.mean(1, keepdim=True)
+        std = rewards.std(1, keepdim=True, correction=STD_CORRECTION)
+        return (rewards - mean) / (std + eps)
+    if estimator == "rloo":
+        g = rewards.shape[1]
+        return (rewards - (rewards.sum(1, keepdim=True) - rewards) / (g - 1))
+    if estimator == "remax":
+        return rewards - baseline.unsqueeze(1)
+    raise ValueError(f"unknown advantage estimator {estimator!r}")
+
+
+def clipped_token_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.3):
+    """PPO's clipped surrogate, negated for descent: -min(rho A, clip(rho, 1-lo, 1+hi) A), per token.
+    logp/old_logp [B, L], adv [B] (one advantage per sequence)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(1)
+    return -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+
+
+def k3_kl(logp, ref_logp):
+    """Schulman's low-variance KL estimator, per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
+    """This micro-batch's share of the batch loss. n_tokens / n_seqs are counted over the global batch, so the
+    shares of all micro-batches on all ranks add up to the loss of one big batch:
+      token_mean  sum(loss) / all completion tokens            (verl, EasyR1, TRL "dapo")
+      seq_mean    sum over sequences of their token mean / sequences   (original GRPO)
+      dr_grpo     sum(loss) / (sequences * max_new_tokens)     (Dr.GRPO's constant normaliser)"""
+    masked = token_loss * mask
+    if mode == "token_mean":
+        return masked.sum() / n_tokens
+    if mode == "seq_mean":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if mode == "dr_grpo":
+        return masked.sum() / (n_seqs * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# ----------------------------------------------------------------------------- one GRPO step
+
+def grpo_step(b, ref, opt, items, args, device, probe=None):
+    """Rollout, advantages and --ppo_epochs clipped updates on this rank's prompts; returns the step's metrics."""
+    t0 = time.time()
+    table = common.rollout(b, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
+                           args.gen_batch)
+    rewards = torch.tensor([row["rewards"] for row in table], dtype=torch.float32)
+    baseline = None
+    if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
+        greedy, _ = common.generate(b, items, args.format, args.max_new_tokens, greedy=True, device=device)
+        baseline = torch.tensor([common.score(common.decode(b, c), it["answer"], it["kind"], args.format).reward
+                                 for c, it in zip(greedy, items)])
+    adv = group_advantages(rewards, args.adv, baseline)
+    zero = torch.tensor([zero_variance(row["rewards"]) for row in table])
+    t_roll = time.time() - t0
+
+    # flatten groups into sequences; --skip_zero_var drops the groups that carry no signal
+    seqs = [(row["item"], c, float(a)) for row, advs, z in zip(table, adv, zero)
+            if not (args.skip_zero_var and z) for c, a in zip(row["completions"], advs)]
+    n_local_tok = sum(len(c) for _, c, _ in seqs)
+    n_tokens, n_seqs = common.all_sum([n_local_tok, len(seqs)], device)
+    n_gen_tok = sum(len(c) for row in table for c in row["completions"])
+    stats = common.all_sum([rewards.mean().item() * len(table), len(table), zero.sum().item(),
+                            sum(s.correct for row in table for s in row["scores"]),
+                            sum(t for row in table for t in row["truncated"]), n_gen_tok,
+                            rewards.var(1, correction=0).mean().item() * len(table)], device)
+    r_sum, n_groups, n_zero, n_correct, n_trunc, gen_tok, var_sum = stats
+    n_samples = n_groups * args.group
+
+    t1 = time.time()
+    norm = 0.0
+    kl_sum = 0.0
+    if n_seqs > 0:
+        mbs = [seqs[i:i + args.micro_batch] for i in range(0, len(seqs), args.micro_batch)]
+        n_mb = int(common.all_max(len(mbs), device))  # every rank runs the same number of forwards (FSDP)
+        dummy = [[(table[0]["item"], table[0]["completions"][0], 0.0)]]  # weight-0 pass for a rank with fewer
+        old = ref_lp = [None] * n_mb
+        if args.ppo_epochs > 1 or args.kl_coef > 0:
+            with torch.no_grad():
+                old = [_logp(b, mbs, dummy, j, args, device)[0] for j in range(n_mb)] if args.ppo_epochs > 1 else old
+                ref_lp = [_logp(ref, mbs, dummy, j, args, device)[0] for j in range(n_mb)] if ref else ref_lp
+        for _ in range(args.ppo_epochs):
+            for j in range(n_mb):
+                logp, mask, advs, real = _logp(b, mbs, dummy, j, args, device)
+                # one epoch on-policy: pi_old is the current model, so rho = 1 and only its gradient matters
+                old_j = old[j] if old[j] is not None else logp.detach()
+                tok = clipped_token_loss(logp, old_j, advs, args.clip_low, args.clip_high)
+                if ref_lp[j] is not None:
+                    kl = k3_kl(logp, ref_lp[j])
+                    tok = tok + args.kl_coef * kl
+                    kl_sum += (kl * mask).sum().item()
+                loss = aggregate(tok, mask, args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+                (loss * common.world() * real).backward()  # FSDP averages over ranks; `real` zeroes padding passes
+            norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), args.grad_clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    t_upd = time.time() - t1
+    m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero / n_groups,
+         "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples, "reward_var": var_sum / n_groups,
+         "grad_norm": norm, "updated_seqs": int(n_seqs), "rollout_s": round(t_roll, 3), "update_s": round(t_upd, 3),
+         "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1),
+         "kl": common.all_sum([kl_sum], device)[0] / max(n_tokens, 1)}
+    if probe is not None:
+        m["general_ll_delta"] = probe()
+    return m
+
+
+def _logp(model_bundle, mbs, dummy, j, args, device):
+    """log-probs of micro-batch j (the dummy, weight-0 pass when this rank has fewer micro-batches)."""
+    real = 1.0 if j < len(mbs) else 0.0
+    mb = mbs[j] if j < len(mbs) else dummy[0]
+    logp, mask = common.token_logprobs(model_bundle, [s[0] for s in mb], args.format, [s[1] for s in mb], device,
+                                       args.temperature)
+    return logp, mask, torch.tensor([s[2] for s in mb], device=device), real
+
+
+def general_probe(b, specs, n, fmt, device):
+    """A closure measuring the change of the mean log-likelihood of the general tasks' gold answers since its last
+    call: P1's interference of an update with prior knowledge, made visible per step."""
+    from cpt_sft import sft_target
+    items = [it for s in specs for it in common.eval_items(s, n) if b.is_vlm or not it["images"]]
+    targets = [sft_target(b, it["answer"], fmt) for it in items]
+    last = [None]
+
+    def probe():
+        with torch.no_grad():
+            logp, mask = common.token_logprobs(b, items, fmt, targets, device)
+            ll = ((logp * mask).sum(1)).mean().item()
+        delta = 0.0 if last[0] is None else ll - last[0]
+        last[0] = ll
+        return round(delta, 6)
+
+    probe()
+    return probe
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    common.add_common_args(p)
+    g = p.add_argument_group("rollout")
+    g.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--max_new_tokens", type=int, default=16, help="completion budget (P1: 512+ with --format boxed)")
+    g.add_argument("--gen_batch", type=int, default=256, help="sequences per generate call")
+    g = p.add_argument_group("GRPO objective")
+    g.add_argument("--adv", default="grpo", choices=["grpo", "rloo", "remax"], help="advantage estimator")
+    g.add_argument("--loss_agg", default="token_mean", choices=["token_mean", "seq_mean", "dr_grpo"])
+    g.add_argument("--clip_low", type=float, default=0.2, help="PPO clip below 1")
+    g.add_argument("--clip_high", type=float, default=0.3, help="PPO clip above 1")
+    g.add_argument("--ppo_epochs", type=int, default=1, help="updates per rollout batch")
+    g.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL weight to the stage's start model (P1: 0.01)")
+    g.add_argument("--skip_zero_var", action="store_true", help="drop zero-variance groups from the update")
+    g = p.add_argument_group("optimisation (per stage)")
+    g.add_argument("--steps", type=int, default=30, help="GRPO steps per stage")
+    g.add_argument("--batch_size", type=int, default=16, help="prompts per step (global)")
+    g.add_argument("--micro_batch", type=int, default=64, help="sequences per forward pass on one rank")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (P1 uses 1e-6 on 7B)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
+    g = p.add_argument_group("instance filtering (P1's RIF-RFT) and diagnostics")
+    g.add_argument("--rif", default="none", choices=["none", "incompetent", "zero_variance"],
+                   help="filter each stage's prompt pool with the current model first")
+    g.add_argument("--rif_k", type=int, default=8, help="rollouts per instance for --rif")
+    g.add_argument("--probe_general", type=int, default=0, help="general items per task for the per-step "
+                                                                  "log-likelihood probe (0: off)")
+    args = p.parse_args(argv)
+
+    def train_stage(b, specs, stage, log):
+        device = next(b.model.parameters()).device
+        ref = None
+        if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
+            ref = common.load_model(b.path, device)  # b.path: the checkpoint this stage starts from
+            ref.model.requires_grad_(False).eval()
+            if common.is_dist():
+                common.shard_model(ref.model, device)
+        opt = torch.optim.AdamW(b.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        per_rank = args.batch_size // common.world()
+        stream, steps = Stream(specs, (args.seed, stage)), args.steps
+        if args.rif != "none":
+            pool = stream.next(args.steps * args.batch_size)[common.rank()::common.world()]
+            fargs = argparse.Namespace(format=args.format, k=args.rif_k, temperature=args.temperature,
+                                       max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch)
+            kept, stats, _ = filter_items(b, pool, args.rif, fargs, device)
+            common.print0(f"  rif {args.rif}: kept {stats['kept']}/{stats['instances']} "
+                          f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
+            log(stage=stage, rif=stats)
+            # the same number of passes over the kept instances: fewer steps, which is RIF's saving
+            steps = max(1, math.ceil(args.steps * stats["kept_fraction"]))
+            stream = Stream.from_items(kept or pool, (args.seed, stage))
+        probe = general_probe(b, args.general, args.probe_general, args.format, device) if args.probe_general else None
+        b.model.train()
+        for step in tqdm(range(steps), desc=f"grpo stage {stage}", disable=common.rank() != 0):
+            items = stream.next(per_rank) if args.rif != "none" else \
+                stream.next(args.batch_size)[common.rank() * per_rank:(common.rank() + 1) * per_rank]
+            m = grpo_step(b, ref, opt, items, args, device, probe)
+            log(stage=stage, step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
+
+    return common.run_cpt(args, "rft", train_stage)
+
+
+if __name__ == "__main__":
+    main()

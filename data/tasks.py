@@ -1,0 +1,248 @@
+"""The synthetic task suite (drawn with Pillow, deterministic by seed) and the JSONL loader for user data.
+
+Every built-in image is an 84x84 scene: a grey background and coloured shapes. With Qwen2.5-VL's 14-pixel
+patches and 2x2 merge this is 36 patches -> 9 image tokens, small enough for a 2-core CPU.
+
+General tasks (held out from every CPT stage; the base model masters them; the analogue of MMMU/POPE/MMLU):
+  color       one object                       "What color is the object?"            red|green|blue|yellow
+  shape       one big object                   "What shape is the object?"            circle|square|triangle
+  side        one object, left or right half   "Is the object on the left or right?"  left|right
+  add         text only                        "What is 3 plus 5?"                    0..18
+CPT tasks (the sequence; the base knows the answer *form* but not the rule, so it scores about chance):
+  left_color  two objects in diagonal quadrants "What color is the left object?"
+  jigsaw      a framed scene cut 2x2, tiles shuffled; answer = where each tile came from, "2 4 1 3" (P2)
+  big_shape   a big and a small object          "What shape is the big object?"
+  top_color   the same scenes as left_color     "What color is the top object?"
+The tasks interfere on purpose: left_color and top_color share one image distribution and disagree on half of
+it; the colour and shape words are the general tasks' answers too; jigsaw answers with digits as `add` does.
+
+An item is a dict: {"problem": text with one "<image>" per image, "answer": str, "images": [PIL images or
+paths], "kind": verifier kind (see rewards.py)}.
+"""
+import json
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+from data.rewards import KINDS, guess_kind
+
+SIZE = 84
+COLORS = {"red": (215, 45, 40), "green": (40, 165, 70), "blue": (45, 85, 215), "yellow": (225, 195, 35)}
+SHAPES = ("circle", "square", "triangle")
+SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # disjoint seeds per split
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _jitter(rgb, rng, amount=25):
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def _canvas(rng):
+    g = rng.randint(175, 225)
+    return Image.new("RGB", (SIZE, SIZE), (g, g, g))
+
+
+def _draw(img, rng, shape, color, cx, cy, r):
+    d = ImageDraw.Draw(img)
+    fill = _jitter(COLORS[color], rng)
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = int(r * 0.85)
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))], fill=fill)
+
+
+def _two_diagonal(rng):
+    """Two objects of different colours in opposite quadrants (TL+BR or TR+BL): a (colour, quadrant) pair each."""
+    c1, c2 = rng.sample(list(COLORS), 2)
+    quads = rng.choice([((0, 0), (1, 1)), ((1, 0), (0, 1))])  # (col, row)
+    img = _canvas(rng)
+    objs = []
+    for color, (qx, qy) in zip((c1, c2), quads):
+        r = rng.randint(9, 13)
+        cx = qx * 42 + rng.randint(r + 2, 40 - r)
+        cy = qy * 42 + rng.randint(r + 2, 40 - r)
+        _draw(img, rng, rng.choice(SHAPES), color, cx, cy, r)
+        objs.append((color, qx, qy))
+    return img, objs
+
+
+# ----------------------------------------------------------------------------- generators
+# Each returns (problem, answer, images, kind, weak_answer): weak_answer is a plausible guess that does not use
+# the task's rule, for the base model's "weak exposure" to CPT tasks (it learns the answer form, not the skill).
+
+def gen_color(rng):
+    img = _canvas(rng)
+    color, r = rng.choice(list(COLORS)), rng.randint(8, 18)
+    _draw(img, rng, rng.choice(SHAPES), color, rng.randint(r + 2, SIZE - r - 3), rng.randint(r + 2, SIZE - r - 3), r)
+    return "<image>What color is the object?", color, [img], "exact", color
+
+
+def gen_shape(rng):
+    img = _canvas(rng)
+    shape, r = rng.choice(SHAPES), rng.randint(15, 22)
+    _draw(img, rng, shape, rng.choice(list(COLORS)), rng.randint(r + 2, SIZE - r - 3), rng.randint(r + 2, SIZE - r - 3), r)
+    return "<image>What shape is the object?", shape, [img], "exact", shape
+
+
+def gen_side(rng):
+    img = _canvas(rng)
+    side, r = rng.choice(["left", "right"]), rng.randint(8, 14)
+    cx = rng.randint(r + 2, 38 - r) if side == "left" else rng.randint(46 + r, SIZE - r - 3)
+    _draw(img, rng, rng.choice(SHAPES), rng.choice(list(COLORS)), cx, rng.randint(r + 2, SIZE - r - 3), r)
+    return "<image>Is the object on the left or right?", side, [img], "exact", side
+
+
+def gen_add(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"What is {a} plus {b}?", str(a + b), [], "number", str(a + b)
+
+
+def gen_left_color(rng):
+    img, objs = _two_diagonal(rng)
+    left = next(c for c, qx, _ in objs if qx == 0)
+    return "<image>What color is the left object?", left, [img], "exact", rng.choice(objs)[0]
+
+
+def gen_top_color(rng):
+    img, objs = _two_diagonal(rng)
+    top = next(c for c, _, qy in objs if qy == 0)
+    return "<image>What color is the top object?", top, [img], "exact", rng.choice(objs)[0]
+
+
+def gen_big_shape(rng):
+    img = _canvas(rng)
+    big, small = rng.sample(SHAPES, 2)
+    c1, c2 = rng.sample(list(COLORS), 2)
+    quads = rng.choice([((0, 0), (1, 1)), ((1, 0), (0, 1)), ((0, 0), (1, 0)), ((0, 1), (1, 1))])
+    for shape, color, (qx, qy), r in zip((big, small), (c1, c2), quads, (rng.randint(15, 18), rng.randint(6, 8))):
+        _draw(img, rng, shape, color, qx * 42 + rng.randint(r + 1, 41 - r), qy * 42 + rng.randint(r + 1, 41 - r), r)
+    return "<image>What shape is the big object?", big, [img], "exact", rng.choice((big, small))
+
+
+def gen_jigsaw(rng, grid=2):
+    """P2's jigsaw on a framed scene: the frame on a tile's outer edges tells which corner it came from.
+    shuffled position p shows original tile perm[p]; the answer lists perm[p] + 1 in reading order."""
+    img = _canvas(rng)
+    for _ in range(rng.randint(1, 2)):
+        r = rng.randint(7, 12)
+        _draw(img, rng, rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(r + 8, SIZE - r - 9),
+              rng.randint(r + 8, SIZE - r - 9), r)
+    ImageDraw.Draw(img).rectangle([0, 0, SIZE - 1, SIZE - 1], outline=(20, 20, 20), width=6)
+    n, t = grid * grid, SIZE // grid
+    perm = list(range(n))
+    while perm == sorted(perm):  # never the identity: the puzzle must be shuffled
+        rng.shuffle(perm)
+    out = Image.new("RGB", (SIZE, SIZE))
+    for p, src in enumerate(perm):
+        tile = img.crop(((src % grid) * t, (src // grid) * t, (src % grid + 1) * t, (src // grid + 1) * t))
+        out.paste(tile, ((p % grid) * t, (p // grid) * t))
+    weak = rng.sample(range(1, n + 1), n)
+    problem = "<image>The four tiles of this picture were shuffled. Where did each tile come from?"
+    return problem, " ".join(str(s + 1) for s in perm), [out], "perm", " ".join(map(str, weak))
+
+
+GENERAL = {"color": gen_color, "shape": gen_shape, "side": gen_side, "add": gen_add}
+CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "big_shape": gen_big_shape, "top_color": gen_top_color}
+BUILTIN = {**GENERAL, **CPT}
+DEFAULT_SEQUENCE = list(CPT)
+DEFAULT_GENERAL = list(GENERAL)
+
+
+def builtin_items(name, split, n, start=0, weak=False):
+    """Items start..start+n-1 of a built-in task's split; each item is seeded by (task, split, index)."""
+    gen = BUILTIN[name]
+    out = []
+    for i in range(start, start + n):
+        rng = random.Random(f"{name}/{SPLIT_OFFSET[split] + i}")
+        problem, answer, images, kind, weak_answer = gen(rng)
+        out.append({"problem": problem, "answer": weak_answer if weak else answer, "images": images, "kind": kind})
+    return out
+
+
+# ----------------------------------------------------------------------------- user data (EasyR1-style JSONL)
+
+class DataError(ValueError):
+    """A bad line in a user data file; the message names the file and the line."""
+
+
+def load_jsonl(path):
+    """Read `{"problem": "... <image> ...", "answer": "...", "images": ["rel/path.png"], "kind": optional}` lines.
+    Image paths are relative to the JSONL file. Every problem is checked before anything runs."""
+    items, base = [], os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in ("problem", "answer"):
+                if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
+                    raise DataError(f"{where}: missing or non-text field {key!r}")
+            images = row.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise DataError(f"{where}: 'images' must be a list of paths")
+            paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
+            for p in paths:
+                if not os.path.isfile(p):
+                    raise DataError(f"{where}: image not found: {p}")
+            problem = str(row["problem"])
+            if problem.count("<image>") not in (0, len(paths)):
+                raise DataError(f"{where}: {problem.count('<image>')} <image> placeholders for {len(paths)} images")
+            if paths and "<image>" not in problem:
+                problem = "<image>" * len(paths) + problem
+            kind = row.get("kind") or guess_kind(str(row["answer"]))
+            if kind not in KINDS:
+                raise DataError(f"{where}: unknown verifier kind {kind!r}; expected one of {KINDS}")
+            items.append({"problem": problem, "answer": str(row["answer"]), "images": paths, "kind": kind,
+                          "where": where})
+    if not items:
+        raise DataError(f"{path}: no data lines")
+    return items
+
+
+def open_image(img, where="?"):
+    """A PIL RGB image from an item's image entry (already an image, or a path)."""
+    if isinstance(img, Image.Image):
+        return img
+    try:
+        with Image.open(img) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise DataError(f"{where}: cannot read image {img}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- task specs
+
+def task_name(spec):
+    """Short column name of a task spec: the built-in name, or the JSONL file's stem."""
+    if spec in BUILTIN:
+        return spec
+    return os.path.splitext(os.path.basename(spec.split(":")[0]))[0]
+
+
+def load_split(spec, split, n=None, start=0):
+    """Items of a task spec for a split. Built-in: generated. JSONL: `train.jsonl[:test.jsonl]`; with one
+    file, every 5th line is held out as test (and val), the rest is train."""
+    if spec in BUILTIN:
+        return builtin_items(spec, split, n if n is not None else 500, start)
+    train_path, _, test_path = spec.partition(":")
+    if not os.path.isfile(train_path):
+        raise DataError(f"task {spec!r} is neither a built-in task ({', '.join(BUILTIN)}) nor an existing file")
+    if test_path and split != "train":
+        items = load_jsonl(test_path)
+    else:
+        items = load_jsonl(train_path)
+        if not test_path:
+            items = [it for i, it in enumerate(items) if (i % 5 == 4) == (split != "train")]
+    items = items[start:]
+    return items[:n] if n is not None else items

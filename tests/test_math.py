@@ -1,0 +1,186 @@
+"""Every formula against numbers worked out by hand: advantages, clipped objective, KL, aggregation, SFT loss,
+filter modes, continual-learning metrics."""
+import math
+
+import pytest
+import torch
+
+from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl
+from cpt_sft import sft_loss
+from evaluate import mean_std, metrics
+from filter import histogram, keep, pass_rate, reward_stats, zero_variance
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_grpo_advantage_by_hand():
+    # rewards 1, 0, 0, 1: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.57735
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), "grpo")
+    expected = 0.5 / (math.sqrt(1 / 3) + ADV_EPS)
+    assert adv.tolist()[0] == pytest.approx([expected, -expected, -expected, expected], rel=1e-6)
+    # rewards 1, 0.1, 0.1: mean 0.4, deviations .6 -.3 -.3, unbiased var (.36+.09+.09)/2 = .27
+    adv = group_advantages(torch.tensor([[1.0, 0.1, 0.1]]), "grpo")
+    s = math.sqrt(0.27) + ADV_EPS
+    assert adv.tolist()[0] == pytest.approx([0.6 / s, -0.3 / s, -0.3 / s], rel=1e-5)
+
+
+def test_rloo_advantage_by_hand():
+    # r_i minus the mean of the other three: 1 - 1/3, 0 - 2/3, 0 - 2/3, 1 - 1/3
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), "rloo")
+    assert adv.tolist()[0] == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3], rel=1e-6)
+
+
+def test_remax_advantage_by_hand():
+    adv = group_advantages(torch.tensor([[1.0, 0.1], [0.1, 0.1]]), "remax", baseline=torch.tensor([0.1, 1.0]))
+    assert adv.tolist() == [pytest.approx([0.9, 0.0]), pytest.approx([-0.9, -0.9])]
+
+
+@pytest.mark.parametrize("est", ["grpo", "rloo", "remax"])
+def test_all_equal_group_has_zero_advantage(est):
+    r = torch.tensor([[0.1, 0.1, 0.1, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(r, est, baseline=torch.tensor([0.1, 1.0]))
+    assert torch.equal(adv, torch.zeros_like(adv))
+
+
+# ----------------------------------------------------------------------------- clipped objective and KL
+
+def test_clipped_loss_inside_and_outside_the_clip():
+    old = torch.zeros(1, 4)
+    ratios = torch.tensor([[1.1, 1.5, 0.5, 0.9]])
+    logp = torch.log(ratios)
+    # positive advantage 2: min(rho A, clip(rho, 0.8, 1.3) A) -> 2.2, 2.6 (clipped at 1.3), 1.0 (0.5 < 0.8: min), 1.8
+    loss = clipped_token_loss(logp, old, torch.tensor([2.0]), 0.2, 0.3)
+    assert loss.tolist()[0] == pytest.approx([-2.2, -2.6, -1.0, -1.8], rel=1e-6)
+    # negative advantage -1: min(-rho, -clip(rho)) -> -1.1, -1.5 (unclipped is smaller), -0.8 (clipped), -0.9
+    loss = clipped_token_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.3)
+    assert loss.tolist()[0] == pytest.approx([1.1, 1.5, 0.8, 0.9], rel=1e-6)
+
+
+def test_clipped_gradient_vanishes_outside_the_clip():
+    logp = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_(True)
+    clipped_token_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), 0.2, 0.3).sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, -1.1])  # d(-rho)/dlogp = -rho inside the clip
+
+
+def test_k3_kl_by_hand():
+    logp = torch.tensor([math.log(0.5), math.log(0.2)])
+    ref = torch.tensor([math.log(0.25), math.log(0.2)])
+    # d = ref - logp = log(0.5): exp(d) - d - 1 = 0.5 - log 0.5 - 1 = 0.193147; equal -> 0
+    assert k3_kl(logp, ref).tolist() == pytest.approx([0.5 + math.log(2) - 1, 0.0], abs=1e-7)
+    assert (k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+TOK = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+def test_aggregation_by_hand():
+    assert aggregate(TOK, MASK, "token_mean", 4, 2, 10).item() == pytest.approx(10 / 4)
+    assert aggregate(TOK, MASK, "seq_mean", 4, 2, 10).item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(TOK, MASK, "dr_grpo", 4, 2, 10).item() == pytest.approx(10 / (2 * 10))
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "dr_grpo"])
+def test_aggregation_is_the_same_split_into_micro_batches(mode):
+    whole = aggregate(TOK, MASK, mode, 4, 2, 10)
+    parts = aggregate(TOK[:1], MASK[:1], mode, 4, 2, 10) + aggregate(TOK[1:], MASK[1:], mode, 4, 2, 10)
+    assert parts.item() == pytest.approx(whole.item())
+
+
+def test_sft_loss_by_hand():
+    logp = torch.tensor([[math.log(0.5), math.log(0.25)], [math.log(0.1), 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert sft_loss(logp, mask, 3).item() == pytest.approx((math.log(2) + math.log(4) + math.log(10)) / 3)
+
+
+# ----------------------------------------------------------------------------- filter
+
+def test_reward_stats_by_hand():
+    assert reward_stats([1.0, 0.1, 0.1, 1.0]) == (pytest.approx(0.55), pytest.approx(0.2025))
+
+
+def test_zero_variance_uses_a_tolerance():
+    assert zero_variance([0.9 * 1 + 0.1 * 1, 1.0, 1.0])       # 0.9 + 0.1 is 0.9999999999999999 in floats
+    assert zero_variance([0.1, 0.1 + 1e-9])
+    assert not zero_variance([0.1, 0.1 + 1e-3])
+    assert not zero_variance([0.1, 1.0])
+
+
+# table: K = 4 rollouts; rewards and correctness
+ALL_WRONG = ([0.1, 0.1, 0.0, 0.1], [0, 0, 0, 0])       # different rewards (format) but never correct
+ALL_WRONG_EQ = ([0.1, 0.1, 0.1, 0.1], [0, 0, 0, 0])
+ALL_RIGHT = ([1.0, 1.0, 0.9 + 0.1, 1.0], [1, 1, 1, 1])
+HALF = ([1.0, 0.1, 1.0, 0.1], [1, 0, 1, 0])
+ONE = ([1.0, 0.1, 0.1, 0.1], [1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("row,incompetent,zero_var,pr", [
+    (ALL_WRONG, False, True, False),   # zero_variance keeps it: format rewards differ, GRPO still has a gradient
+    (ALL_WRONG_EQ, False, False, False),
+    (ALL_RIGHT, True, False, False),
+    (HALF, True, True, True),
+    (ONE, True, True, True),           # pass rate 0.25 is inside (0.1, 0.9)
+])
+def test_filter_modes_on_a_hand_table(row, incompetent, zero_var, pr):
+    rewards, correct = row
+    assert keep("incompetent", rewards, correct) is incompetent
+    assert keep("zero_variance", rewards, correct) is zero_var
+    assert keep("pass_rate", rewards, correct, 0.1, 0.9) is pr
+    assert keep("none", rewards, correct)
+
+
+def test_pass_rate_bounds_are_open_with_tolerance():
+    assert pass_rate([1, 0, 0, 0]) == 0.25
+    assert not keep("pass_rate", [1, .1, .1, .1], [1, 0, 0, 0], 0.25, 0.9)   # 0.25 is not above 0.25
+    assert keep("pass_rate", [1, .1, .1, .1], [1, 0, 0, 0], 0.2, 0.9)
+
+
+def test_histogram():
+    assert histogram([0.0, 0.125, 0.5, 0.99, 1.0], bins=4) == [2, 0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- continual-learning metrics
+
+# 3 CPT tasks + 1 general; rows: base, after stage 1, 2, 3 (fractions)
+A = [[0.2, 0.3, 0.5, 0.9],
+     [0.8, 0.3, 0.5, 0.8],
+     [0.6, 0.9, 0.5, 0.85],
+     [0.5, 0.7, 0.5, 0.7]]   # task 3 is never learned (0.5 throughout)
+
+
+def test_metrics_by_hand():
+    m = metrics(A, 3)
+    assert m["AvgAcc"] == pytest.approx((50 + 70 + 50) / 3)
+    # FM: task 1: 50 - max(80, 60) = -30; task 2: 70 - max(30, 90) = -20 -> -25
+    assert m["FM"] == pytest.approx(-25)
+    # BWT: task 1: 50 - 80 = -30; task 2: 70 - 90 = -20 -> -25
+    assert m["BWT"] == pytest.approx(-25)
+    # FWT: task 2 before learning (row 1) 30 - base 30 = 0; task 3 (row 2) 50 - 50 = 0
+    assert m["FWT"] == pytest.approx(0)
+    # Gain: (80-20) + (90-30) + (50-50) over 3 = 40
+    assert m["Gain"] == pytest.approx(40)
+    assert m["Retention"] == pytest.approx(70 - 90)
+
+
+def test_metrics_with_ties_and_a_task_better_before_learning():
+    B = [[0.5, 0.5, 1.0], [0.7, 0.6, 1.0], [0.7, 0.6, 1.0]]  # no forgetting at all; task 2 improves at stage 1
+    m = metrics(B, 2)
+    assert m["FM"] == 0 and m["BWT"] == 0
+    assert m["FWT"] == pytest.approx(10)     # task 2: 60 - 50 before it was trained
+    assert m["Gain"] == pytest.approx((20 + 10) / 2)
+    assert m["Retention"] == 0
+
+
+def test_multitask_metrics():
+    m = metrics([[0.2, 0.4, 0.9], [0.8, 0.6, 0.8]], 2)
+    assert m["AvgAcc"] == pytest.approx(70) and m["Gain"] == pytest.approx(40)
+    assert m["FM"] is None and m["BWT"] is None and m["FWT"] is None
+    assert m["Retention"] == pytest.approx(-10)
+
+
+def test_mean_std_over_seeds():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert mean_std([None, 2.0, 4.0]) == (3.0, pytest.approx(math.sqrt(2)))

@@ -1,0 +1,117 @@
+"""Verifiers, extraction and the reward, on hand-written cases (adversarial ones included)."""
+import pytest
+
+from data.rewards import extract_answer, normalize, parse_choice, parse_number, parse_perm, perm_credit, reward, \
+    score, verify
+
+
+def test_reward_is_0_9_accuracy_plus_0_1_format():
+    assert reward(1.0, True) == pytest.approx(1.0)
+    assert reward(0.0, True) == pytest.approx(0.1)
+    assert reward(1.0, False) == pytest.approx(0.9)
+    assert reward(0.5, True) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("text,fmt,expected", [
+    ("red", "plain", "red"),
+    ("  red  ", "plain", "red"),
+    ("", "plain", None),
+    ("   ", "plain", None),
+    ("red\nblue", "plain", None),                                 # two lines: not a direct answer
+    ("<think>it is round</think> \\boxed{circle}", "boxed", "circle"),
+    ("\\boxed{circle}", "boxed", "circle"),                       # think is optional
+    ("\\boxed{\\frac{1}{2}}", "boxed", "\\frac{1}{2}"),           # nested braces
+    ("\\boxed{red} or \\boxed{blue}", "boxed", None),             # two boxed answers: hedging is a violation
+    ("\\boxed{red", "boxed", None),                               # never closed
+    ("\\boxed{}", "boxed", None),                                 # empty
+    ("the answer is red", "boxed", None),
+    ("<think>a</think><think>b</think>\\boxed{red}", "boxed", None),
+    ("<think>hmm</think><answer> 2 4 1 3 </answer>", "tags", "2 4 1 3"),
+    ("<answer>red</answer><answer>blue</answer>", "tags", None),
+    ("<answer></answer>", "tags", None),
+    ("<answer>red", "tags", None),
+    (None, "plain", None),
+])
+def test_extract_answer(text, fmt, expected):
+    assert extract_answer(text, fmt) == expected
+
+
+def test_extract_unknown_format_raises():
+    with pytest.raises(ValueError):
+        extract_answer("x", "json")
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("Red", "red"), ("  RED. ", "red"), ("the circle", "circle"), ("A  square!", "square"),
+    ("3.5", "3.5"), ("left,", "left"), ("ｒｅｄ", "red"),          # full-width unicode folds by NFKC
+    ("Theater", "theater"),                                        # "the" only as a whole leading word
+])
+def test_normalize(raw, norm):
+    assert normalize(raw) == norm
+
+
+def test_exact_match_never_by_substring():
+    assert verify("red", "red", "exact") == (True, 1.0)
+    assert verify("Red.", "red", "exact") == (True, 1.0)
+    assert verify("dark red", "red", "exact") == (False, 0.0)     # answer inside other text
+    assert verify("red blue", "red", "exact") == (False, 0.0)
+    assert verify("re", "red", "exact") == (False, 0.0)
+    assert verify("", "red", "exact") == (False, 0.0)
+    assert verify(None, "red", "exact") == (False, 0.0)
+    assert verify("...", "...", "exact") == (False, 0.0)           # empty after normalisation never matches
+
+
+@pytest.mark.parametrize("pred,letter", [("B", "B"), ("(b)", "B"), ("B.", "B"), ("B) a cat", "B"), ("C: dog", "C"),
+                                         ("BC", None), ("", None), ("the answer is B", None)])
+def test_parse_choice(pred, letter):
+    assert parse_choice(pred) == letter
+
+
+def test_choice_verifier():
+    assert verify("(C)", "C", "choice")[0]
+    assert not verify("B", "C", "choice")[0]
+    assert not verify("answer C", "C", "choice")[0]
+
+
+@pytest.mark.parametrize("s,x", [("12", 12.0), (" -3.5 ", -3.5), ("1,000", 1000.0), ("50%", 50.0), (".5", 0.5),
+                                 ("1e3", 1000.0), ("12 apples", None), ("", None), ("nan", None), ("inf", None),
+                                 ("٣", 3.0)])  # a unicode digit is still the digit
+def test_parse_number(s, x):
+    assert parse_number(s) == x
+
+
+def test_number_tolerance():
+    assert verify("10.05", "10", "number") == (True, 1.0)          # within 1 % relative
+    assert verify("10.2", "10", "number") == (False, 0.0)
+    assert verify("0", "0", "number") == (True, 1.0)
+    assert verify("1e-12", "0", "number") == (True, 1.0)           # absolute tolerance at zero
+    assert verify("ten", "10", "number") == (False, 0.0)
+
+
+def test_perm_partial_credit_by_hand():
+    assert parse_perm("2 4 1 3") == [2, 4, 1, 3]
+    assert parse_perm("2,4,1,3") == [2, 4, 1, 3]
+    assert parse_perm("2 4 1") is None or parse_perm("2 4 1", 4) is None
+    assert parse_perm("2 4 1", 4) is None                          # wrong length
+    assert parse_perm("2 2 1 3") is None                           # repeated tile
+    assert parse_perm("a b c d") is None
+    assert perm_credit([2, 4, 1, 3], [2, 4, 1, 3]) == 2.0         # 4/4 right + 1 for the whole
+    assert perm_credit([2, 4, 3, 1], [2, 4, 1, 3]) == 0.5         # 2/4 right
+    assert perm_credit([4, 3, 2, 1], [2, 4, 1, 3]) == 0.0
+    assert verify("2 4 3 1", "2 4 1 3", "perm") == (False, 0.5)
+    assert verify("2 4 1 3", "2 4 1 3", "perm") == (True, 2.0)
+    assert verify("2 4 1 3 5", "2 4 1 3", "perm") == (False, 0.0)
+    assert verify("", "2 4 1 3", "perm") == (False, 0.0)
+
+
+def test_score_combines_format_and_verifier():
+    s = score("<think>x</think>\\boxed{Red}", "red", "exact", "boxed")
+    assert (s.correct, s.format_ok, s.reward) == (True, True, pytest.approx(1.0))
+    s = score("red", "red", "exact", "boxed")                      # right word, wrong format: nothing
+    assert (s.correct, s.format_ok, s.reward) == (False, False, 0.0)
+    s = score("blue", "red", "exact", "plain")                     # well formed, wrong: format credit only
+    assert s.reward == pytest.approx(0.1)
+    s = score("2 4 3 1", "2 4 1 3", "perm", "plain")
+    assert s.reward == pytest.approx(0.9 * 0.5 + 0.1)
+    s = score("\U0001F600 \x00 \\boxed{", "red", "exact", "boxed")   # garbage never raises
+    assert s.reward == 0.0
