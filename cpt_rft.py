@@ -86,7 +86,7 @@ def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
 # ----------------------------------------------------------------------------- one GRPO step
 
 def grpo_step(b, ref, opt, items, args, device, probe=None):
-    """Rollout, advantages and --ppo_epochs clipped updates on this rank's prompts; returns the step's metrics."""
+    """Rollout, advantages and the update on this rank's prompts; returns the step's metrics."""
     t0 = time.time()
     table = common.rollout(b, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
                            args.gen_batch)
@@ -97,59 +97,64 @@ def grpo_step(b, ref, opt, items, args, device, probe=None):
         baseline = torch.tensor([common.score(common.decode(b, c), it["answer"], it["kind"], args.format).reward
                                  for c, it in zip(greedy, items)])
     adv = group_advantages(rewards, args.adv, baseline)
-    zero = torch.tensor([zero_variance(row["rewards"]) for row in table])
+    zero = [zero_variance(row["rewards"]) for row in table]
     t_roll = time.time() - t0
-
-    # flatten groups into sequences; --skip_zero_var drops the groups that carry no signal
-    seqs = [(row["item"], c, float(a)) for row, advs, z in zip(table, adv, zero)
-            if not (args.skip_zero_var and z) for c, a in zip(row["completions"], advs)]
-    n_local_tok = sum(len(c) for _, c, _ in seqs)
-    n_tokens, n_seqs = common.all_sum([n_local_tok, len(seqs)], device)
-    n_gen_tok = sum(len(c) for row in table for c in row["completions"])
-    stats = common.all_sum([rewards.mean().item() * len(table), len(table), zero.sum().item(),
-                            sum(s.correct for row in table for s in row["scores"]),
-                            sum(t for row in table for t in row["truncated"]), n_gen_tok,
-                            rewards.var(1, correction=0).mean().item() * len(table)], device)
-    r_sum, n_groups, n_zero, n_correct, n_trunc, gen_tok, var_sum = stats
+    gen_tok = sum(len(c) for row in table for c in row["completions"])
+    r_sum, n_groups, n_zero, n_correct, n_trunc, gen_tok, var_sum = common.all_sum(
+        [rewards.mean().item() * len(table), len(table), sum(zero),
+         sum(s.correct for row in table for s in row["scores"]), sum(t for row in table for t in row["truncated"]),
+         gen_tok, rewards.var(1, correction=0).mean().item() * len(table)], device)
     n_samples = n_groups * args.group
 
+    # flatten groups into (item, completion, advantage); --skip_zero_var drops the groups that carry no signal
+    seqs = [(row["item"], c, float(a)) for row, advs, z in zip(table, adv, zero)
+            if not (args.skip_zero_var and z) for c, a in zip(row["completions"], advs)]
     t1 = time.time()
-    norm = 0.0
-    kl_sum = 0.0
-    if n_seqs > 0:
-        mbs = [seqs[i:i + args.micro_batch] for i in range(0, len(seqs), args.micro_batch)]
-        n_mb = int(common.all_max(len(mbs), device))  # every rank runs the same number of forwards (FSDP)
-        dummy = [[(table[0]["item"], table[0]["completions"][0], 0.0)]]  # weight-0 pass for a rank with fewer
-        old = ref_lp = [None] * n_mb
-        if args.ppo_epochs > 1 or args.kl_coef > 0:
-            with torch.no_grad():
-                old = [_logp(b, mbs, dummy, j, args, device)[0] for j in range(n_mb)] if args.ppo_epochs > 1 else old
-                ref_lp = [_logp(ref, mbs, dummy, j, args, device)[0] for j in range(n_mb)] if ref else ref_lp
-        for _ in range(args.ppo_epochs):
-            for j in range(n_mb):
-                logp, mask, advs, real = _logp(b, mbs, dummy, j, args, device)
-                # one epoch on-policy: pi_old is the current model, so rho = 1 and only its gradient matters
-                old_j = old[j] if old[j] is not None else logp.detach()
-                tok = clipped_token_loss(logp, old_j, advs, args.clip_low, args.clip_high)
-                if ref_lp[j] is not None:
-                    kl = k3_kl(logp, ref_lp[j])
-                    tok = tok + args.kl_coef * kl
-                    kl_sum += (kl * mask).sum().item()
-                loss = aggregate(tok, mask, args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
-                (loss * common.world() * real).backward()  # FSDP averages over ranks; `real` zeroes padding passes
-            norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), args.grad_clip)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    t_upd = time.time() - t1
+    upd = grpo_update(b, ref, opt, seqs, args, device, fallback_item=items[0])
     m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero / n_groups,
          "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples, "reward_var": var_sum / n_groups,
-         "grad_norm": norm, "updated_seqs": int(n_seqs), "rollout_s": round(t_roll, 3), "update_s": round(t_upd, 3),
-         "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1),
-         "kl": common.all_sum([kl_sum], device)[0] / max(n_tokens, 1)}
+         **upd, "rollout_s": round(t_roll, 3), "update_s": round(time.time() - t1, 3),
+         "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1)}
     if probe is not None:
         m["general_ll_delta"] = probe()
     return m
+
+
+def grpo_update(b, ref, opt, seqs, args, device, fallback_item=None):
+    """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples.
+    The loss normalisers are counted over all ranks, and every rank runs the same number of forwards (FSDP)."""
+    n_tokens, n_seqs = common.all_sum([sum(len(c) for _, c, _ in seqs), len(seqs)], device)
+    if n_seqs == 0:
+        return {"grad_norm": 0.0, "updated_seqs": 0, "kl": 0.0}
+    mbs = [seqs[i:i + args.micro_batch] for i in range(0, len(seqs), args.micro_batch)]
+    n_mb = int(common.all_max(len(mbs), device))
+    # a rank with fewer micro-batches runs weight-0 passes on a stand-in sequence
+    dummy = [[mbs[0][0] if mbs else (fallback_item, [b.eos_id], 0.0)]]
+    old = ref_lp = [None] * n_mb
+    with torch.no_grad():
+        if args.ppo_epochs > 1:
+            old = [_logp(b, mbs, dummy, j, args, device)[0] for j in range(n_mb)]
+        if ref is not None:
+            ref_lp = [_logp(ref, mbs, dummy, j, args, device)[0] for j in range(n_mb)]
+    norm, kl_sum = 0.0, 0.0
+    for _ in range(args.ppo_epochs):
+        for j in range(n_mb):
+            logp, mask, advs, real = _logp(b, mbs, dummy, j, args, device)
+            # one epoch on-policy: pi_old is the current model, so rho = 1 and only its gradient matters
+            old_j = old[j] if old[j] is not None else logp.detach()
+            tok = clipped_token_loss(logp, old_j, advs, args.clip_low, args.clip_high)
+            if ref_lp[j] is not None:
+                kl = k3_kl(logp, ref_lp[j])
+                tok = tok + args.kl_coef * kl
+                kl_sum += real * (kl * mask).sum().item()
+            loss = aggregate(tok, mask, args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+            (loss * common.world() * real).backward()  # FSDP averages over ranks; `real` zeroes stand-in passes
+        norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), args.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"grad_norm": norm, "updated_seqs": int(n_seqs),
+            "kl": common.all_sum([kl_sum], device)[0] / n_tokens / args.ppo_epochs}
 
 
 def _logp(model_bundle, mbs, dummy, j, args, device):

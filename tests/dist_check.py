@@ -1,0 +1,70 @@
+"""Run under plain python and under `torchrun --nproc_per_node=2` (gloo, CPU): a few SFT steps and GRPO updates
+on fixed data with the same global batch, FSDP2-sharded when distributed; rank 0 writes losses and a full state
+dict to OUT. tests/test_dist.py compares the two runs. `--lengths` instead checks that ranks generating different
+lengths (rank 0 stops at once, rank 1 never) do not hang under synced_gpus."""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from cpt_rft import grpo_update  # noqa: E402
+from cpt_sft import sft_step, sft_target  # noqa: E402
+from data.tasks import builtin_items  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--lengths", action="store_true")
+    p.add_argument("--loss_agg", default="token_mean")
+    a = p.parse_args()
+    torch.use_deterministic_algorithms(True)
+    rank, world, device = common.init_dist()
+    torch.manual_seed(0)
+    b = common.load_model(common.DEFAULT_MODEL, device)
+    if common.is_dist():
+        common.shard_model(b.model, device)
+    if a.lengths:
+        eos_bias = torch.zeros(b.model.config.text_config.vocab_size)
+        eos_bias[b.eos_id] = 50.0 if rank == 0 else -1e9  # rank 0: one token; rank 1: the whole budget
+        b.model.lm_head.register_forward_hook(lambda m, i, o: o + eos_bias)
+        comps, trunc = common.generate(b, builtin_items("color", "test", 3), "plain", 12, device=device)
+        lens = common.all_sum([max(map(len, comps)) if r == rank else 0 for r in range(world)], device)
+        if rank == 0:
+            with open(os.path.join(a.out, "lengths.txt"), "w") as f:
+                f.write(" ".join(str(int(x)) for x in lens))
+        common.cleanup()
+        return
+    # SFT: 3 steps, global batch 8 items split 4 + 4 over two ranks
+    items = builtin_items("left_color", "train", 24) + builtin_items("add", "train", 24)
+    opt = torch.optim.AdamW(b.model.parameters(), lr=1e-3)
+    losses = []
+    per = 8 // world
+    for step in range(3):
+        batch = items[step * 8:(step + 1) * 8][rank * per:(rank + 1) * per]
+        targets = [sft_target(b, it["answer"], "plain") for it in batch]
+        loss, _, _ = sft_step(b, opt, batch, targets, "plain", 2, device)   # micro-batch 2: accumulation too
+        losses.append(loss)
+    # GRPO: fixed "rollouts" (varied lengths) and advantages, 2 updates, with a KL term to a reference
+    args = argparse.Namespace(micro_batch=3, ppo_epochs=2, clip_low=0.2, clip_high=0.3, kl_coef=0.05,
+                              loss_agg=a.loss_agg, max_new_tokens=8, temperature=1.0, grad_clip=1.0, format="plain")
+    ref = common.load_model(common.DEFAULT_MODEL, device)
+    if common.is_dist():
+        common.shard_model(ref.model, device)
+    pool = builtin_items("big_shape", "train", 8)
+    seqs = [(it, b.tok(" ".join(["circle"] * (1 + i % 4)))["input_ids"] + [b.eos_id], (-1) ** i * (0.5 + i / 10))
+            for i, it in enumerate(pool)]
+    per = len(seqs) // world
+    m = grpo_update(b, ref, opt, seqs[rank * per:(rank + 1) * per], args, device)
+    losses.append(m["grad_norm"])
+    sd = common.full_state_dict(b.model)
+    if rank == 0:
+        torch.save({"losses": losses, "state": sd}, os.path.join(a.out, f"world{world}.pt"))
+    common.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The task suite is deterministic and says what it draws; the JSONL loader names the file and line of bad input."""
+import json
+
+import pytest
+from PIL import Image
+
+from data.tasks import BUILTIN, CPT, GENERAL, SIZE, DataError, builtin_items, load_jsonl, load_split
+
+
+def test_builtin_tasks_are_deterministic_and_splits_disjoint():
+    for name in BUILTIN:
+        a, b = builtin_items(name, "test", 5), builtin_items(name, "test", 5)
+        assert [x["answer"] for x in a] == [x["answer"] for x in b]
+        assert all(x["images"][0].tobytes() == y["images"][0].tobytes() for x, y in zip(a, b) if x["images"])
+        train = builtin_items(name, "train", 5)
+        if name != "add":  # 100 possible sums: collisions are expected there
+            assert {x["images"][0].tobytes() for x in train}.isdisjoint({x["images"][0].tobytes() for x in a})
+    assert len(GENERAL) >= 3 and len(CPT) >= 4 and "jigsaw" in CPT
+
+
+def test_answers_follow_the_rule():
+    # left_color and top_color draw the same scenes; they disagree on about half of them (interference by design)
+    lc, tc = builtin_items("left_color", "test", 200), builtin_items("top_color", "test", 200)
+    from data.tasks import gen_left_color, gen_top_color
+    import random
+    agree = 0
+    for i in range(200):
+        a = gen_left_color(random.Random(f"x/{i}"))[1]
+        b = gen_top_color(random.Random(f"x/{i}"))[1]
+        agree += a == b
+    assert 60 < agree < 140
+    assert {x["answer"] for x in lc} == {"red", "green", "blue", "yellow"}
+
+
+def test_jigsaw_answer_reassembles_the_picture():
+    it = builtin_items("jigsaw", "test", 1)[0]
+    perm = [int(x) - 1 for x in it["answer"].split()]
+    assert sorted(perm) == [0, 1, 2, 3] and perm != [0, 1, 2, 3]
+    img, t = it["images"][0], SIZE // 2
+    restored = Image.new("RGB", (SIZE, SIZE))
+    for p, src in enumerate(perm):  # shuffled position p holds original tile src
+        restored.paste(img.crop(((p % 2) * t, (p // 2) * t, (p % 2 + 1) * t, (p // 2 + 1) * t)),
+                       ((src % 2) * t, (src // 2) * t))
+    px = restored.load()
+    # the frame is dark on every outer edge of the restored picture, and only there
+    assert all(sum(px[x, 2]) < 150 and sum(px[x, SIZE - 3]) < 150 for x in range(SIZE))
+    assert all(sum(px[2, y]) < 150 and sum(px[SIZE - 3, y]) < 150 for y in range(SIZE))
+
+
+def test_weak_answers_have_the_form_but_not_the_rule():
+    items = builtin_items("left_color", "train", 300, weak=True)
+    true = builtin_items("left_color", "train", 300)
+    agree = sum(a["answer"] == b["answer"] for a, b in zip(items, true)) / 300
+    assert 0.35 < agree < 0.65  # a colour in the picture, right about half the time
+
+
+def _write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def test_jsonl_loads_images_relative_to_the_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "img" / "a.png")
+    p = _write(tmp_path, [json.dumps({"problem": "<image>What color?", "answer": "red", "images": ["img/a.png"]}),
+                          "",
+                          json.dumps({"problem": "2+2?", "answer": 4}),
+                          json.dumps({"problem": "Pick", "answer": "B"})])
+    items = load_jsonl(p)
+    assert [it["kind"] for it in items] == ["exact", "number", "choice"]
+    assert items[0]["images"][0] == str(tmp_path / "img" / "a.png")
+    assert items[1]["images"] == [] and items[1]["answer"] == "4"
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"problem": "x", "answer": ', "not valid JSON"),
+    ('["problem", "answer"]', "expected a JSON object"),
+    ('{"answer": "a"}', "'problem'"),
+    ('{"problem": "x", "answer": null}', "'answer'"),
+    ('{"problem": "x", "answer": "a", "images": "a.png"}', "'images' must be a list"),
+    ('{"problem": "<image>x", "answer": "a", "images": ["missing.png"]}', "image not found"),
+    ('{"problem": "x", "answer": "a", "kind": "fuzzy"}', "unknown verifier kind"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, line, msg):
+    good = json.dumps({"problem": "2+2?", "answer": "4"})
+    p = _write(tmp_path, [good, good, line])
+    with pytest.raises(DataError) as e:
+        load_jsonl(p)
+    assert f"{p}:3:" in str(e.value) and msg in str(e.value)
+
+
+def test_placeholder_count_must_match(tmp_path):
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    p = _write(tmp_path, [json.dumps({"problem": "<image><image>x", "answer": "a", "images": ["a.png"]})])
+    with pytest.raises(DataError, match=r":1: 2 <image> placeholders for 1 images"):
+        load_jsonl(p)
+
+
+def test_jsonl_split_holds_out_every_fifth_line(tmp_path):
+    p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": str(i)}) for i in range(10)])
+    assert [it["answer"] for it in load_split(p, "test")] == ["4", "9"]
+    assert len(load_split(p, "train")) == 8
+    with pytest.raises(DataError, match="neither a built-in task"):
+        load_split(str(tmp_path / "nope.jsonl"), "train")

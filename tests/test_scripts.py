@@ -1,0 +1,140 @@
+"""The training scripts end to end on tiny budgets: results.json, resume after a kill, text-only models,
+the multi-task upper bound, RIF, SFT on own rollouts, and evaluate.py's report."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+TINY = ["--tasks", "left_color", "top_color", "--general", "color", "add", "--eval_n", "24", "--steps", "2",
+        "--batch_size", "4"]
+
+
+def run(script, *args, timeout=300):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=ENV, capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def results(d):
+    with open(os.path.join(d, "results.json")) as f:
+        return json.load(f)
+
+
+def test_sft_writes_results_and_resumes_after_a_kill(tmp_path):
+    full = str(tmp_path / "full")
+    run("cpt_sft.py", *TINY, "--out", full)
+    res = results(full)
+    assert res["rows"] == ["base", "left_color", "top_color"]
+    assert res["columns"] == ["left_color", "top_color", "color", "add"]
+    assert len(res["acc"]) == 3 and all(len(r) == 4 and all(0 <= a <= 1 for a in r) for r in res["acc"])
+    assert os.path.exists(os.path.join(full, "stage-2", "model.safetensors"))
+    assert not os.path.exists(os.path.join(full, "stage-1"))  # only the last checkpoint is kept
+    logs = [json.loads(x) for x in open(os.path.join(full, "log.jsonl"))]
+    assert len(logs) == 4 and all("loss" in x for x in logs)
+    # kill a second run during stage 2, then rerun: it resumes after stage 1 and gives the same matrix
+    part = str(tmp_path / "part")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "cpt_sft.py"), *TINY, "--steps", "2", "--out", part],
+                         env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 240:
+        if os.path.exists(os.path.join(part, "results.json")) and len(results(part)["rows"]) == 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(results(part)["rows"]) == 2, "the run was not killed in stage 2"
+    out = run("cpt_sft.py", *TINY, "--out", part)
+    assert "resuming after stage 1" in out
+    assert results(part)["acc"] == res["acc"]
+    # a different command on the same folder is refused rather than mixed in
+    r = subprocess.run([sys.executable, "cpt_sft.py", *TINY, "--lr", "0.5", "--out", part], env=ENV, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "different command" in r.stderr
+
+
+def test_rft_multitask_and_logged_metrics(tmp_path):
+    d = str(tmp_path / "rft")
+    out = run("cpt_rft.py", *TINY, "--multitask", "--group", "4", "--kl_coef", "0.01", "--out", d)
+    assert results(d)["rows"] == ["base", "multitask"]
+    logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
+    keys = {"reward", "accuracy", "zero_var_groups", "truncated", "completion_len", "rollout_s", "update_s",
+            "rollout_tok_per_s", "grad_norm", "kl"}
+    assert len(logs) == 2 and keys <= set(logs[0])
+    assert 0 <= logs[0]["zero_var_groups"] <= 1 and logs[0]["kl"] >= 0
+    assert "[multitask]" in out
+
+
+def test_rft_rif_and_online_skip(tmp_path):
+    d = str(tmp_path / "rif")
+    out = run("cpt_rft.py", *TINY, "--rif", "zero_variance", "--rif_k", "4", "--group", "4", "--skip_zero_var",
+              "--adv", "rloo", "--out", d)
+    assert "rif zero_variance: kept" in out
+    logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
+    rif = [x["rif"] for x in logs if "rif" in x]
+    assert len(rif) == 2 and all(r["instances"] == 8 and 0 <= r["kept"] <= 8 for r in rif)
+
+
+def test_sft_on_own_correct_rollouts(tmp_path):
+    d = str(tmp_path / "self")
+    run("cpt_sft.py", *TINY, "--sft_data", "self", "--k", "4", "--out", d)
+    logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
+    assert logs and all("items" in x or x.get("kept") == 0 for x in logs)
+
+
+def test_filter_cli_writes_kept_and_correct(tmp_path):
+    out = str(tmp_path / "f")
+    run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--mode", "incompetent", "--out", out)
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    kept = open(os.path.join(out, "kept.jsonl")).read().splitlines()
+    assert stats["instances"] == 12 and stats["kept"] == len(kept) and sum(stats["pass_rate_histogram"]) == 12
+    from data.tasks import load_jsonl
+    assert all(os.path.exists(p) for it in load_jsonl(os.path.join(out, "kept.jsonl")) for p in it["images"])
+    run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--emit", "correct", "--out", out)
+    rows = [json.loads(x) for x in open(os.path.join(out, "correct.jsonl"))]
+    assert all(r["answer"] == r["gold"] for r in rows)  # plain format: a correct rollout is the gold answer
+
+
+def test_text_only_model(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(common.DEFAULT_MODEL)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    path = str(tmp_path / "llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    d = str(tmp_path / "run")
+    run("cpt_sft.py", "--model", path, "--tasks", "add", "--general", "add", "--eval_n", "8", "--steps", "2",
+        "--out", d)
+    assert results(d)["rows"] == ["base", "add"]
+    run("cpt_rft.py", "--model", path, "--tasks", "add", "--general", "add", "color", "--eval_n", "8", "--steps",
+        "1", "--group", "2", "--batch_size", "2", "--out", str(tmp_path / "rft"))
+    assert results(str(tmp_path / "rft"))["acc"][0][2] is None   # an image task is n/a for a text-only model
+    r = subprocess.run([sys.executable, "cpt_sft.py", "--model", path, "--tasks", "color", "--general", "add",
+                        "--steps", "1", "--eval_n", "4", "--out", str(tmp_path / "bad")], env=ENV, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "has images but the model is text-only" in r.stderr
+
+
+def test_evaluate_report_and_checkpoint_mode(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run("cpt_sft.py", *TINY, "--out", a)
+    run("cpt_sft.py", *TINY, "--seed", "1", "--out", b)
+    rep = str(tmp_path / "rep")
+    out = run("evaluate.py", a, b, "--report", rep, "--frontier")
+    assert "| sft lr=0.0001 | 2 |" in out
+    for f in ("report.md", "summary.json", "curves.png", "frontier.png"):
+        assert os.path.exists(os.path.join(rep, f))
+    out = run("evaluate.py", os.path.join(a, "stage-2"), "--tasks", "add", "--eval_n", "10")
+    assert "add" in out and "of 10 items" in out
