@@ -296,10 +296,10 @@ def rollout(b, items, fmt, k, temperature, max_new_tokens, device, batch_size=25
 _EVAL_CACHE = {}
 
 
-def eval_items(spec, n):
-    if (spec, n) not in _EVAL_CACHE:
-        _EVAL_CACHE[(spec, n)] = load_split(spec, "test", n)
-    return _EVAL_CACHE[(spec, n)]
+def eval_items(spec, n, split="test"):
+    if (spec, n, split) not in _EVAL_CACHE:
+        _EVAL_CACHE[(spec, n, split)] = load_split(spec, split, n)
+    return _EVAL_CACHE[(spec, n, split)]
 
 
 def max_tokens(fmt, plain=16):
@@ -325,11 +325,11 @@ def evaluate_task(b, items, fmt, device, batch_size=256, desc=None):
     return correct / len(items), rew / len(items)
 
 
-def evaluate_all(b, specs, fmt, device, n, batch_size=256):
-    """{task name: accuracy} over task specs (test split, n items each)."""
+def evaluate_all(b, specs, fmt, device, n, batch_size=256, split="test"):
+    """{task name: accuracy} over task specs (n items each of the test split, or of val when tuning)."""
     acc = {}
     for spec in specs:
-        items = eval_items(spec, n)
+        items = eval_items(spec, n, split)
         if not b.is_vlm and any(it["images"] for it in items):
             acc[task_name(spec)] = None  # an image task cannot be asked of a text-only model
             continue
@@ -429,8 +429,8 @@ class Stream:
         return out
 
 
-def add_common_args(p):
-    """Flags both training scripts share, grouped by topic."""
+def add_common_args(p, steps, micro_batch, lr, lr_note):
+    """Flags both training scripts share, grouped by topic; the defaults that differ are the script's."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint folder (default: the shipped tiny base)")
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE, help="CPT sequence: built-in names or JSONL files")
@@ -441,9 +441,52 @@ def add_common_args(p):
     g.add_argument("--out", default=None, help="run directory (default: runs/<script>)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
     g.add_argument("--eval_n", type=int, default=500, help="test items per task")
+    g.add_argument("--eval_split", default="test", choices=["test", "val"], help="val: for tuning settings")
     g.add_argument("--eval_batch", type=int, default=256, help="evaluation batch size")
     g.add_argument("--keep_stages", action="store_true", help="keep every stage's checkpoint, not only the last")
+    g = p.add_argument_group("optimisation (per stage)")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps per stage")
+    g.add_argument("--batch_size", type=int, default=16, help="items (SFT) or prompts (GRPO) per step, global")
+    g.add_argument("--micro_batch", type=int, default=micro_batch, help="sequences per forward pass on one rank")
+    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate ({lr_note})")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
+    g = p.add_argument_group("memory (real models)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the decoder and vision blocks")
+    g.add_argument("--min_pixels", type=int, default=None, help="image processor's min pixels (image tokens grow "
+                                                                "with pixels / 784)")
+    g.add_argument("--max_pixels", type=int, default=None, help="image processor's max pixels")
     return p
+
+
+def configure(b, args):
+    """Apply the memory flags to a loaded bundle."""
+    if getattr(args, "grad_ckpt", False):
+        b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if b.improc is not None and (getattr(args, "min_pixels", None) or getattr(args, "max_pixels", None)):
+        size = dict(b.improc.size)
+        size["shortest_edge"] = args.min_pixels or size["shortest_edge"]
+        size["longest_edge"] = args.max_pixels or size["longest_edge"]
+        b.improc.size = type(b.improc.size)(**size) if not isinstance(b.improc.size, dict) else size
+
+
+def image_tokens(b, specs):
+    """{task: image tokens of its first test item}, the number that memory grows with."""
+    out = {}
+    for s in specs:
+        it = eval_items(s, 1)[0]
+        if it["images"] and b.is_vlm:
+            batch, _, _ = encode(b, [it], "plain")
+            out[task_name(s)] = int(batch["mm_token_type_ids"].sum())
+    return out
+
+
+def peak_memory(device):
+    """Peak memory so far: GPU allocator peak on CUDA, the process's max resident set on CPU (GiB)."""
+    if torch.device(device).type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    import resource
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
 def run_cpt(args, script, train_stage):
@@ -458,7 +501,8 @@ def run_cpt(args, script, train_stage):
     os.makedirs(out, exist_ok=True)
     stages = [("multitask", list(args.tasks))] if args.multitask else [(task_name(t), [t]) for t in args.tasks]
     columns = [task_name(t) for t in args.tasks] + [task_name(g) for g in args.general]
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "eval_batch", "keep_stages")}
+    config = {k: v for k, v in sorted(vars(args).items())
+              if k not in ("out", "eval_batch", "keep_stages", "grad_ckpt", "micro_batch", "gen_batch")}
     config.update(script=script, world=world_)
     res_path = os.path.join(out, "results.json")
     res = {"columns": columns, "rows": [], "acc": [], "config": config, "stage_seconds": []}
@@ -473,13 +517,16 @@ def run_cpt(args, script, train_stage):
     print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns)}; world size {world_}; device {device}; "
            f"{'resuming after stage ' + str(done) + ' from ' + start if done else 'starting from ' + args.model}")
     b = load_model(start, device)
+    configure(b, args)
+    specs = list(args.tasks) + list(args.general)
+    if b.is_vlm:
+        print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(b, specs).items()))
     if is_dist():
         shard_model(b.model, device)
     log = Log(os.path.join(out, "log.jsonl"))
-    specs = list(args.tasks) + list(args.general)
     if not res["rows"]:
         seed_all(args.seed, "eval")
-        acc = evaluate_all(b, specs, args.format, device, args.eval_n, args.eval_batch)
+        acc = evaluate_all(b, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split)
         res["rows"].append("base")
         res["acc"].append([acc[c] for c in columns])
         if rank_ == 0:
@@ -493,7 +540,7 @@ def run_cpt(args, script, train_stage):
         train_stage(b, stage_specs, k, log)
         train_s = time.time() - t0
         seed_all(args.seed, "eval")
-        acc = evaluate_all(b, specs, args.format, device, args.eval_n, args.eval_batch)
+        acc = evaluate_all(b, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split)
         save_checkpoint(b, os.path.join(out, f"stage-{k}"))
         b.path = os.path.join(out, f"stage-{k}")
         res["rows"].append(name)
@@ -503,7 +550,7 @@ def run_cpt(args, script, train_stage):
             write_json(res_path, res)
             if not args.keep_stages and k > 1:
                 shutil.rmtree(os.path.join(out, f"stage-{k - 1}"), ignore_errors=True)
-        print0(format_row(name, acc, columns) + f"   (trained {train_s:.1f} s)")
+        print0(format_row(name, acc, columns) + f"   (trained {train_s:.1f} s, {peak_memory(device)})")
     print0(f"results: {res_path}")
     cleanup()
     return res

@@ -188,7 +188,7 @@ def general_probe(b, specs, n, fmt, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p)
+    common.add_common_args(p, steps=30, micro_batch=64, lr=1e-4, lr_note="P1: 1e-6 on 7B")
     g = p.add_argument_group("rollout")
     g.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -202,13 +202,6 @@ def main(argv=None):
     g.add_argument("--ppo_epochs", type=int, default=1, help="updates per rollout batch")
     g.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL weight to the stage's start model (P1: 0.01)")
     g.add_argument("--skip_zero_var", action="store_true", help="drop zero-variance groups from the update")
-    g = p.add_argument_group("optimisation (per stage)")
-    g.add_argument("--steps", type=int, default=30, help="GRPO steps per stage")
-    g.add_argument("--batch_size", type=int, default=16, help="prompts per step (global)")
-    g.add_argument("--micro_batch", type=int, default=64, help="sequences per forward pass on one rank")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (P1 uses 1e-6 on 7B)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
     g = p.add_argument_group("instance filtering (P1's RIF-RFT) and diagnostics")
     g.add_argument("--rif", default="none", choices=["none", "incompetent", "zero_variance"],
                    help="filter each stage's prompt pool with the current model first")

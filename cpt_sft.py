@@ -40,15 +40,16 @@ def sft_target(b, answer, fmt):
     return b.tok(text, add_special_tokens=False)["input_ids"] + [b.eos_id]
 
 
-def sft_step(b, opt, items, targets, fmt, micro_batch, device, grad_clip=1.0):
-    """One optimizer step on (items, target ids) of this rank. Returns (loss, grad norm, answer tokens)."""
-    n_local = sum(len(t) for t in targets)
+def sft_step(b, opt, items, targets, fmt, micro_batch, device, grad_clip=1.0, weight=1.0):
+    """One optimizer step on (items, target ids) of this rank. Returns (loss, grad norm, answer tokens).
+    weight=0 makes this rank's pass a stand-in that keeps FSDP's collectives in step but adds nothing."""
+    n_local = sum(len(t) for t in targets) * weight
     n_tokens = common.all_sum([n_local], device)[0]
     total = 0.0
     for i in range(0, len(items), micro_batch):
         logp, mask = common.token_logprobs(b, items[i:i + micro_batch], fmt, targets[i:i + micro_batch], device)
         # FSDP averages gradients over ranks; the loss already divides by the global count, so undo the average
-        loss = sft_loss(logp, mask, n_tokens) * common.world()
+        loss = sft_loss(logp, mask, n_tokens) * common.world() * weight
         loss.backward()
         total += loss.item() / common.world()
     norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), grad_clip)
@@ -60,8 +61,7 @@ def sft_step(b, opt, items, targets, fmt, micro_batch, device, grad_clip=1.0):
 
 def self_targets(b, items, args, device):
     """P2's RFT-simulated data: K samples per item from the current model, keep the correct ones."""
-    from filter import rollout_table
-    table = rollout_table(b, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
+    table = common.rollout(b, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
     kept_items, kept_targets = [], []
     for it, row in zip(items, table):
         for comp, s in zip(row["completions"], row["scores"]):
@@ -73,14 +73,7 @@ def self_targets(b, items, args, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p)
-    g = p.add_argument_group("optimisation (per stage)")
-    g.add_argument("--steps", type=int, default=60, help="optimizer steps per stage")
-    g.add_argument("--batch_size", type=int, default=16, help="items per step (global, over all ranks)")
-    g.add_argument("--micro_batch", type=int, default=16, help="items per forward pass on one rank")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (P1 uses 1e-5 on 7B)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
+    common.add_common_args(p, steps=60, micro_batch=16, lr=1e-4, lr_note="P1: 1e-5 on 7B")
     g = p.add_argument_group("self-generated data (P2)")
     g.add_argument("--sft_data", default="gold", choices=["gold", "self"], help="ground truth, or own correct rollouts")
     g.add_argument("--k", type=int, default=8, help="rollouts per item for --sft_data self")
@@ -95,7 +88,7 @@ def main(argv=None):
         b.model.train()
         per_rank = args.batch_size // common.world()
         for step in tqdm(range(args.steps), desc=f"sft stage {stage}", disable=common.rank() != 0):
-            t0 = time.time()
+            t0, weight = time.time(), 1.0
             items = stream.next(args.batch_size)[common.rank() * per_rank:(common.rank() + 1) * per_rank]
             if args.sft_data == "self":
                 items, targets = self_targets(b, items, args, device)
@@ -103,11 +96,11 @@ def main(argv=None):
                     log(stage=stage, step=step, kept=0)
                     continue
                 if not items:  # this rank has none correct: a zero-weight pass keeps FSDP's collectives in step
-                    items, targets = stream.next(1), [[b.eos_id]]
-                    targets_weight = 0
+                    items, targets, weight = stream.next(1), [[b.eos_id]], 0.0
             else:
                 targets = [sft_target(b, it["answer"], args.format) for it in items]
-            loss, norm, ntok = sft_step(b, opt, items, targets, args.format, args.micro_batch, device, args.grad_clip)
+            loss, norm, ntok = sft_step(b, opt, items, targets, args.format, args.micro_batch, device, args.grad_clip,
+                                        weight)
             log(stage=stage, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=ntok,
                 items=len(items), seconds=round(time.time() - t0, 3))
 

@@ -64,6 +64,30 @@ def mean_std(values):
     return sum(xs) / len(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def pearson(xs, ys):
+    """Pearson correlation of two equally long lists; None when either is constant or shorter than 3."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def variance_diagnostic(log_rows):
+    """P1's theory per GRPO step: does the update size track the batch's mean group reward variance?
+    Returns correlations of reward_var with grad_norm and with |change of general-task log-likelihood|."""
+    rows = [r for r in log_rows if "reward_var" in r and "grad_norm" in r]
+    out = {"steps": len(rows), "reward_var_vs_grad_norm": pearson([r["reward_var"] for r in rows],
+                                                                  [r["grad_norm"] for r in rows])}
+    probed = [r for r in rows if "general_ll_delta" in r]
+    if probed:
+        out["reward_var_vs_abs_general_ll_change"] = pearson([r["reward_var"] for r in probed],
+                                                             [abs(r["general_ll_delta"]) for r in probed])
+    return out
+
+
 # ----------------------------------------------------------------------------- reading runs
 
 def load_run(path):
@@ -71,6 +95,8 @@ def load_run(path):
         res = json.load(f)
     res["path"] = path
     res["n_tasks"] = len(res["config"]["tasks"])
+    log = os.path.join(path, "log.jsonl")
+    res["log"] = [json.loads(x) for x in open(log)] if os.path.exists(log) else []
     return res
 
 
@@ -125,6 +151,19 @@ def markdown(groups):
     lines += ["", "Points of accuracy (%). AvgAcc: final accuracy on the CPT tasks; FM: P1's forgetting (<= 0); "
               "BWT/FWT: backward/forward transfer; Gain: new-task gain right after learning; Retention: general "
               "tasks, last minus base.", ""]
+    diag = [(name, variance_diagnostic([row for r in runs for row in r["log"]])) for name, runs in groups.items()]
+    diag = [(n, d) for n, d in diag if d["steps"]]
+    if diag:
+        lines.append("Reward variance and update size per GRPO step (P1's theory: the update scales with Var(reward)); "
+                     "Pearson r over all steps of all seeds:")
+        lines.append("")
+        for name, d in diag:
+            r1 = d["reward_var_vs_grad_norm"]
+            r2 = d.get("reward_var_vs_abs_general_ll_change")
+            lines.append(f"- {name}: {d['steps']} steps; reward variance vs gradient norm r = "
+                         f"{'n/a' if r1 is None else f'{r1:+.2f}'}" +
+                         ("" if r2 is None else f"; vs |change of general-task log-likelihood| r = {r2:+.2f}"))
+        lines.append("")
     for name, runs in groups.items():  # the last row of each group, per task
         cols = runs[0]["columns"]
         lines.append(f"**{name}**: accuracy after the last stage (mean over {len(runs)} seed(s))")

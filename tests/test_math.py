@@ -7,7 +7,7 @@ import torch
 
 from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl
 from cpt_sft import sft_loss
-from evaluate import mean_std, metrics
+from evaluate import mean_std, metrics, pearson, variance_diagnostic
 from filter import histogram, keep, pass_rate, reward_stats, zero_variance
 
 
@@ -184,3 +184,19 @@ def test_mean_std_over_seeds():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     assert mean_std([5.0]) == (5.0, 0.0)
     assert mean_std([None, 2.0, 4.0]) == (3.0, pytest.approx(math.sqrt(2)))
+
+
+def test_pearson_by_hand():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # x = 1,2,3,4; y = 1,3,2,4: sxy = 4, sxx = syy = 5 -> 0.8
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1, 2], [1, 2]) is None
+
+
+def test_variance_diagnostic_reads_grpo_logs():
+    log = [{"reward_var": v, "grad_norm": 2 * v, "general_ll_delta": -v} for v in (0.1, 0.2, 0.05, 0.15)]
+    log.append({"loss": 1.0})  # an SFT-style line is ignored
+    d = variance_diagnostic(log)
+    assert d["steps"] == 4 and d["reward_var_vs_grad_norm"] == pytest.approx(1.0)
+    assert d["reward_var_vs_abs_general_ll_change"] == pytest.approx(1.0)

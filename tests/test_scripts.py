@@ -138,3 +138,13 @@ def test_evaluate_report_and_checkpoint_mode(tmp_path):
         assert os.path.exists(os.path.join(rep, f))
     out = run("evaluate.py", os.path.join(a, "stage-2"), "--tasks", "add", "--eval_n", "10")
     assert "add" in out and "of 10 items" in out
+
+
+def test_compare_quick(tmp_path):
+    out = str(tmp_path / "cmp")
+    r = subprocess.run(["bash", os.path.join(ROOT, "compare.sh"), "--quick"], env={**ENV, "OUT": out}, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "| sft lr=0.0001 | 1 |" in r.stdout and "| rft-multitask lr=0.0001 | 1 |" in r.stdout
+    assert os.path.exists(os.path.join(out, "report", "report.md"))
+    assert "total wall time" in r.stdout

@@ -1,0 +1,156 @@
+"""Throughput benchmark: a random-init Qwen2.5-VL of a real shape (built from a config, no download), N SFT steps
+and N GRPO steps through the project's own code, then tokens/s, MFU, rollout tokens/s and its share, peak memory.
+
+    python tests/bench.py --shape tiny                                   # CPU smoke
+    torchrun --standalone --nproc_per_node=1 tests/bench.py --shape 3b --batch 8 --grad_ckpt   # FSDP2, bf16
+MFU = model FLOPs of the step / (step time x the GPU's dense bf16 peak x GPUs); model FLOPs per text token are
+6 N (N = matmul parameters of the language model incl. the LM head) + 12 L d S (attention scores, PaLM's count),
+plus 6 N_vision per image patch for the vision tower.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+SHAPES = {  # Qwen2.5-VL-3B / 7B-Instruct shapes (config.json of the released checkpoints)
+    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
+
+
+def train_flops(n_text, n_vision, n_layers, hidden, tokens, seq_len, patches):
+    """Training FLOPs (forward + backward) of a batch: 6 N per token + 12 L d S per token + 6 N_vision per patch."""
+    return 6 * n_text * tokens + 12 * n_layers * hidden * seq_len * tokens + 6 * n_vision * patches
+
+
+def mfu(flops, seconds, peak, gpus=1):
+    return flops / (seconds * peak * gpus)
+
+
+def gpu_peak(device):
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def build(shape, device):
+    """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer."""
+    if shape == "tiny":
+        return common.load_model(common.DEFAULT_MODEL, device)
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    cfg = AutoConfig.from_pretrained(common.DEFAULT_MODEL)
+    s = SHAPES[shape]
+    for k, v in s["text"].items():
+        setattr(cfg.text_config, k, v)
+    for k, v in s["vision"].items():
+        setattr(cfg.vision_config, k, v)
+    cfg.tie_word_embeddings = s["text"]["tie_word_embeddings"]
+    cfg.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # head_dim 128
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    b = common.load_model(common.DEFAULT_MODEL, "cpu")
+    b.model = model
+    return b
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each kind (after one warm-up)")
+    p.add_argument("--batch", type=int, default=16, help="SFT items / GRPO prompts per rank per step")
+    p.add_argument("--group", type=int, default=8, help="GRPO completions per prompt")
+    p.add_argument("--answer_len", type=int, default=64, help="SFT answer tokens")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="GRPO rollout length")
+    p.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 patches, 64 tokens)")
+    p.add_argument("--grad_ckpt", action="store_true")
+    a = p.parse_args()
+    _, world, device = common.init_dist()
+    b = build(a.shape, device)
+    if a.grad_ckpt:
+        b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    s = a.image * a.image
+    b.improc.size = type(b.improc.size)(**{**dict(b.improc.size), "shortest_edge": s, "longest_edge": s}) \
+        if not isinstance(b.improc.size, dict) else {**b.improc.size, "shortest_edge": s, "longest_edge": s}
+    if common.is_dist():
+        common.shard_model(b.model, device)
+    from PIL import Image
+    items = [{"problem": "<image>Describe the picture in detail.", "answer": "x", "kind": "exact",
+              "images": [Image.new("RGB", (a.image, a.image), (i * 7 % 255, 90, 160))]} for i in range(a.batch)]
+    lm = b.model.model.language_model if hasattr(b.model.model, "language_model") else b.model.model
+    n_vis = sum(q.numel() for q in b.model.model.visual.parameters())
+    n_text = sum(q.numel() for q in lm.parameters()) - lm.embed_tokens.weight.numel() + b.model.lm_head.weight.numel()
+    cfg = b.model.config.text_config
+    opt = torch.optim.AdamW(b.model.parameters(), lr=1e-6)
+    answer = [list(range(10, 10 + a.answer_len))] * a.batch
+    peak = gpu_peak(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
+
+    def sft():
+        logp, mask = common.token_logprobs(b, items, "plain", answer, device)
+        (-(logp * mask).sum() / mask.sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    batch, lp, _ = common.encode(b, items, "plain", answer)
+    tokens, patches = batch["attention_mask"].sum().item(), batch["pixel_values"].shape[0]
+    flops = train_flops(n_text, n_vis, cfg.num_hidden_layers, cfg.hidden_size, tokens, batch["input_ids"].shape[1],
+                        patches) * world
+    sft()
+    sync()
+    t0 = time.time()
+    for _ in range(a.steps):
+        sft()
+    sync()
+    dt = (time.time() - t0) / a.steps
+    common.print0(f"{a.shape}: text {n_text / 1e9:.3f}B + vision {n_vis / 1e9:.3f}B matmul params; world {world}; "
+                  f"image tokens per sample {lp and int(batch['mm_token_type_ids'][0].sum())}")
+    common.print0(f"SFT  batch {a.batch}x{batch['input_ids'].shape[1]} tokens/rank: {dt:.3f} s/step, "
+                  f"{tokens * world / dt:,.0f} tokens/s" + (f", MFU {100 * mfu(flops, dt, peak, world):.1f}%"
+                                                             if peak else ", MFU n/a (no known GPU peak)"))
+    # GRPO: rollout (generate G per prompt) + one update on all G x batch sequences
+    from argparse import Namespace
+    from cpt_rft import grpo_update
+    args = Namespace(micro_batch=a.batch, ppo_epochs=1, clip_low=0.2, clip_high=0.3, kl_coef=0.0,
+                     loss_agg="token_mean", max_new_tokens=a.max_new_tokens, temperature=1.0, grad_clip=1.0,
+                     format="plain")
+    prompts = items[:max(1, a.batch // a.group)]
+    t_roll = t_upd = gen = 0
+    for step in range(a.steps + 1):
+        sync()
+        t0 = time.time()
+        comps, _ = common.generate(b, [it for it in prompts for _ in range(a.group)], "plain", a.max_new_tokens,
+                                   device=device)
+        sync()
+        t1 = time.time()
+        seqs = [(it, c, 1.0 if i % 2 else -1.0) for i, (it, c) in
+                enumerate(zip([it for it in prompts for _ in range(a.group)], comps))]
+        grpo_update(b, None, opt, seqs, args, device)
+        sync()
+        if step:  # the first is warm-up
+            t_roll += t1 - t0
+            t_upd += time.time() - t1
+            gen += sum(len(c) for c in comps)
+    n = a.steps
+    common.print0(f"GRPO {len(prompts)} prompts x G={a.group}, {a.max_new_tokens} new tokens: rollout "
+                  f"{t_roll / n:.3f} s ({gen * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s; "
+                  f"rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
+    common.print0(common.peak_memory(device))
+    common.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""What of the GPU path can be checked on a CPU: the MFU arithmetic, bf16 autocast, the memory flags."""
+import argparse
+
+import pytest
+import torch
+
+import common
+from data.tasks import builtin_items
+from tests.bench import mfu, train_flops
+
+
+def test_train_flops_and_mfu_by_hand():
+    # 6*100*5 + 12*2*4*5*5 + 6*10*3 = 3000 + 2400 + 180
+    assert train_flops(100, 10, 2, 4, 5, 5, 3) == 5580
+    assert mfu(5580, 2.0, 1000.0) == pytest.approx(2.79)
+    assert mfu(1e15, 1.0, 989e12, gpus=2) == pytest.approx(1e15 / 1.978e15)
+
+
+def test_bf16_autocast_on_cpu_matches_fp32():
+    b = common.load_model(common.DEFAULT_MODEL, "cpu")
+    batch, _, _ = common.encode(b, builtin_items("color", "test", 4), "plain")
+    with torch.no_grad():
+        ref = b.model(**batch).logits[:, -1].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = b.model(**batch).logits[:, -1].float()
+    rel = (low - ref).norm() / ref.norm()
+    assert 0 < rel < 3e-2  # bf16 operands: off by rounding, not wrong
+
+
+def test_pixel_flags_change_image_tokens_and_grad_ckpt_runs():
+    b = common.load_model(common.DEFAULT_MODEL, "cpu")
+    assert common.image_tokens(b, ["color"]) == {"color": 9}
+    common.configure(b, argparse.Namespace(grad_ckpt=True, min_pixels=168 * 168, max_pixels=168 * 168))
+    assert common.image_tokens(b, ["color"]) == {"color": 36}   # 84 -> 168 pixels a side: 4x the tokens
+    assert b.model.is_gradient_checkpointing
+    b.model.train()
+    items = builtin_items("color", "test", 2)
+    logp, mask = common.token_logprobs(b, items, "plain", [[b.eos_id]] * 2, "cpu")
+    (-(logp * mask).sum()).backward()
+    assert b.model.lm_head.weight.grad is not None
