@@ -233,6 +233,8 @@ def generate(b, items, fmt, max_new_tokens, temperature=1.0, greedy=False, devic
                                logits_processor=LogitsProcessorList([_Forbid(b.forbidden)]),
                                synced_gpus=is_dist(), use_cache=True, **kw)
     b.model.train(was_training)
+    if is_dist():
+        b.model.reshard()  # no backward follows to reshard the root; never leave gathered weights to go stale
     comps, truncated = [], []
     for row in out[:, lp:].tolist():
         if b.eos_id in row:
@@ -349,7 +351,16 @@ def shard_model(model, device):
     for m in model.modules():
         if type(m).__name__ in blocks:
             fully_shard(m, mp_policy=mp)
+    # transformers' generate() encodes images before the first forward, by calling the vision tower directly:
+    # as its own FSDP unit, the tower gathers its remaining weights (patch embedding, merger) on that call too
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is not None:
+        fully_shard(visual, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # FSDP2 picks its root on the first forward; make it the whole model's, before generate() calls the tower alone
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its weights gathered after a forward; stale copies would outlive opt.step()
     return model
 
 

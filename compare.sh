@@ -27,5 +27,5 @@ done
 printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 -I{} sh -c \
   'python3 {} '"${EXTRA[*]:-}"' > "$(echo {} | sed "s/.*--out //").log" 2>&1 || { echo "failed: {}"; exit 255; }'
 echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
-python3 evaluate.py "$OUT"/sft-[0-9]* "$OUT"/rft-[0-9]* "$OUT"/sft-multitask-* "$OUT"/rft-multitask-* --report "$OUT/report"
+python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
 echo "total wall time $(( $(date +%s) - start )) s"

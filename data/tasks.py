@@ -11,7 +11,7 @@ General tasks (held out from every CPT stage; the base model masters them; the a
 CPT tasks (the sequence; the base knows the answer *form* but not the rule, so it scores about chance):
   left_color  two objects in diagonal quadrants "What color is the left object?"
   jigsaw      a framed scene cut 2x2, tiles shuffled; answer = where each tile came from, "2 4 1 3" (P2)
-  big_shape   a big and a small object          "What shape is the big object?"
+  small_shape a big and a small object          "What shape is the small object?"
   top_color   the same scenes as left_color     "What color is the top object?"
 The tasks interfere on purpose: left_color and top_color share one image distribution and disagree on half of
 it; the colour and shape words are the general tasks' answers too; jigsaw answers with digits as `add` does.
@@ -114,14 +114,16 @@ def gen_top_color(rng):
     return "<image>What color is the top object?", top, [img], "exact", rng.choice(objs)[0]
 
 
-def gen_big_shape(rng):
+def gen_small_shape(rng):
+    """A big and a small object; the general `shape` skill reads the big one, so the base's prior points the
+    wrong way here (an earlier `big_shape` version was already 68 % solved by that prior)."""
     img = _canvas(rng)
     big, small = rng.sample(SHAPES, 2)
     c1, c2 = rng.sample(list(COLORS), 2)
     quads = rng.choice([((0, 0), (1, 1)), ((1, 0), (0, 1)), ((0, 0), (1, 0)), ((0, 1), (1, 1))])
     for shape, color, (qx, qy), r in zip((big, small), (c1, c2), quads, (rng.randint(15, 18), rng.randint(6, 8))):
         _draw(img, rng, shape, color, qx * 42 + rng.randint(r + 1, 41 - r), qy * 42 + rng.randint(r + 1, 41 - r), r)
-    return "<image>What shape is the big object?", big, [img], "exact", rng.choice((big, small))
+    return "<image>What shape is the small object?", small, [img], "exact", rng.choice((big, small))
 
 
 def gen_jigsaw(rng, grid=2):
@@ -147,7 +149,7 @@ def gen_jigsaw(rng, grid=2):
 
 
 GENERAL = {"color": gen_color, "shape": gen_shape, "side": gen_side, "add": gen_add}
-CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "big_shape": gen_big_shape, "top_color": gen_top_color}
+CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "small_shape": gen_small_shape, "top_color": gen_top_color}
 BUILTIN = {**GENERAL, **CPT}
 DEFAULT_SEQUENCE = list(CPT)
 DEFAULT_GENERAL = list(GENERAL)

@@ -93,12 +93,15 @@ def test_sft_on_own_correct_rollouts(tmp_path):
 
 def test_filter_cli_writes_kept_and_correct(tmp_path):
     out = str(tmp_path / "f")
+    from data.tasks import load_jsonl
+    run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--mode", "none", "--out", out)
+    items = load_jsonl(os.path.join(out, "kept.jsonl"))     # written images load back as a user data set
+    assert len(items) == 12 and all(os.path.exists(p) for it in items for p in it["images"])
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--mode", "incompetent", "--out", out)
     stats = json.load(open(os.path.join(out, "stats.json")))
     kept = open(os.path.join(out, "kept.jsonl")).read().splitlines()
     assert stats["instances"] == 12 and stats["kept"] == len(kept) and sum(stats["pass_rate_histogram"]) == 12
-    from data.tasks import load_jsonl
-    assert all(os.path.exists(p) for it in load_jsonl(os.path.join(out, "kept.jsonl")) for p in it["images"])
+    assert stats["kept"] == 12 - stats["pass_rate_histogram"][0]   # incompetent drops exactly pass rate 0
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--emit", "correct", "--out", out)
     rows = [json.loads(x) for x in open(os.path.join(out, "correct.jsonl"))]
     assert all(r["answer"] == r["gold"] for r in rows)  # plain format: a correct rollout is the gold answer
