@@ -440,7 +440,7 @@ class Stream:
         return out
 
 
-def add_common_args(p, steps, micro_batch, lr, lr_note):
+def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     """Flags both training scripts share, grouped by topic; the defaults that differ are the script's."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint folder (default: the shipped tiny base)")
@@ -456,8 +456,8 @@ def add_common_args(p, steps, micro_batch, lr, lr_note):
     g.add_argument("--eval_batch", type=int, default=256, help="evaluation batch size")
     g.add_argument("--keep_stages", action="store_true", help="keep every stage's checkpoint, not only the last")
     g = p.add_argument_group("optimisation (per stage)")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps per stage")
-    g.add_argument("--batch_size", type=int, default=16, help="items (SFT) or prompts (GRPO) per step, global")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps per stage (x tasks with --multitask)")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="items (SFT) or prompts (GRPO) per step, global")
     g.add_argument("--micro_batch", type=int, default=micro_batch, help="sequences per forward pass on one rank")
     g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate ({lr_note})")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
@@ -537,7 +537,8 @@ def run_cpt(args, script, train_stage):
     log = Log(os.path.join(out, "log.jsonl"))
     if not res["rows"]:
         seed_all(args.seed, "eval")
-        acc = evaluate_all(b, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split)
+        acc = cached_base_row(args.model, specs, args, lambda: evaluate_all(
+            b, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split))
         res["rows"].append("base")
         res["acc"].append([acc[c] for c in columns])
         if rank_ == 0:
@@ -565,6 +566,24 @@ def run_cpt(args, script, train_stage):
     print0(f"results: {res_path}")
     cleanup()
     return res
+
+
+def cached_base_row(model, specs, args, compute):
+    """The base row is a greedy (deterministic) evaluation of the same starting model in every run of a
+    comparison: compute it once per (model files, tasks, n, format, split) and keep it in runs/.cache/."""
+    files = sorted((f, os.path.getsize(os.path.join(model, f)), os.path.getmtime(os.path.join(model, f)))
+                   for f in os.listdir(model))
+    key = hashlib.sha256(repr((os.path.abspath(model), files, specs, args.eval_n, args.format,
+                               args.eval_split, world())).encode()).hexdigest()[:16]
+    path = os.path.join("runs", ".cache", f"base-{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    acc = compute()
+    if rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, acc)
+    return acc
 
 
 def format_row(name, acc, columns):

@@ -188,7 +188,7 @@ def general_probe(b, specs, n, fmt, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p, steps=30, micro_batch=64, lr=1e-4, lr_note="P1: 1e-6 on 7B")
+    common.add_common_args(p, steps=30, micro_batch=64, lr=1e-4, lr_note="P1: 1e-6 on 7B", batch_size=8)
     g = p.add_argument_group("rollout")
     g.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -220,9 +220,10 @@ def main(argv=None):
                 common.shard_model(ref.model, device)
         opt = torch.optim.AdamW(b.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         per_rank = args.batch_size // common.world()
-        stream, steps = Stream(specs, (args.seed, stage)), args.steps
+        # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
+        stream, steps = Stream(specs, (args.seed, stage)), args.steps * len(specs)
         if args.rif != "none":
-            pool = stream.next(args.steps * args.batch_size)[common.rank()::common.world()]
+            pool = stream.next(steps * args.batch_size)[common.rank()::common.world()]
             fargs = argparse.Namespace(format=args.format, k=args.rif_k, temperature=args.temperature,
                                        max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch)
             kept, stats, _ = filter_items(b, pool, args.rif, fargs, device)
@@ -230,7 +231,7 @@ def main(argv=None):
                           f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
             log(stage=stage, rif=stats)
             # the same number of passes over the kept instances: fewer steps, which is RIF's saving
-            steps = max(1, math.ceil(args.steps * stats["kept_fraction"]))
+            steps = max(1, math.ceil(steps * stats["kept_fraction"]))
             stream = Stream.from_items(kept or pool, (args.seed, stage))
         probe = general_probe(b, args.general, args.probe_general, args.format, device) if args.probe_general else None
         b.model.train()

@@ -87,7 +87,8 @@ def main(argv=None):
         stream = Stream(specs, (args.seed, stage))
         b.model.train()
         per_rank = args.batch_size // common.world()
-        for step in tqdm(range(args.steps), desc=f"sft stage {stage}", disable=common.rank() != 0):
+        # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
+        for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=common.rank() != 0):
             t0, weight = time.time(), 1.0
             items = stream.next(args.batch_size)[common.rank() * per_rank:(common.rank() + 1) * per_rank]
             if args.sft_data == "self":

@@ -11,7 +11,7 @@
      accuracy, a non-zero RFT reward);
   5. evaluation on 500 held-out test items per task (greedy), printed, and the folder saved.
 
-    python data/make_base.py                       # ~25 minutes on 2 CPU cores
+    python data/make_base.py                       # ~22 minutes on 2 CPU cores
     python data/make_base.py --steps 300 --out /tmp/tiny-test   # a quick smoke build
 """
 import argparse
@@ -103,7 +103,7 @@ def mix(rng, n, weak_weight, vision_only=False):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(common.ROOT, "data", "tiny-base"), help="output folder")
-    p.add_argument("--steps", type=int, default=4500, help="pre-training steps")
+    p.add_argument("--steps", type=int, default=4000, help="pre-training steps")
     p.add_argument("--vision_steps", type=int, default=2000, help="first steps on the image general tasks alone")
     p.add_argument("--batch_size", type=int, default=64, help="items per step")
     p.add_argument("--lr", type=float, default=7e-4, help="peak AdamW learning rate (cosine to 5%%); 2e-3 is unstable")

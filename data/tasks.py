@@ -11,10 +11,10 @@ General tasks (held out from every CPT stage; the base model masters them; the a
 CPT tasks (the sequence; the base knows the answer *form* but not the rule, so it scores about chance):
   left_color  two objects in diagonal quadrants "What color is the left object?"
   jigsaw      a framed scene cut 2x2, tiles shuffled; answer = where each tile came from, "2 4 1 3" (P2)
-  small_shape a big and a small object          "What shape is the small object?"
+  right_shape the same scenes as left_color     "What shape is the right object?"
   top_color   the same scenes as left_color     "What color is the top object?"
-The tasks interfere on purpose: left_color and top_color share one image distribution and disagree on half of
-it; the colour and shape words are the general tasks' answers too; jigsaw answers with digits as `add` does.
+The tasks interfere on purpose: left_color, right_shape and top_color share one image distribution, and left_color
+and top_color disagree on half of it; the colour and shape words are the general tasks' answers too; jigsaw answers with digits as `add` does.
 
 An item is a dict: {"problem": text with one "<image>" per image, "answer": str, "images": [PIL images or
 paths], "kind": verifier kind (see rewards.py)}.
@@ -57,17 +57,19 @@ def _draw(img, rng, shape, color, cx, cy, r):
 
 
 def _two_diagonal(rng):
-    """Two objects of different colours in opposite quadrants (TL+BR or TR+BL): a (colour, quadrant) pair each."""
+    """Two objects of different colours and shapes in opposite quadrants (TL+BR or TR+BL):
+    a (colour, column, row, shape) tuple each."""
     c1, c2 = rng.sample(list(COLORS), 2)
+    s1, s2 = rng.sample(SHAPES, 2)
     quads = rng.choice([((0, 0), (1, 1)), ((1, 0), (0, 1))])  # (col, row)
     img = _canvas(rng)
     objs = []
-    for color, (qx, qy) in zip((c1, c2), quads):
+    for color, shape, (qx, qy) in zip((c1, c2), (s1, s2), quads):
         r = rng.randint(9, 13)
         cx = qx * 42 + rng.randint(r + 2, 40 - r)
         cy = qy * 42 + rng.randint(r + 2, 40 - r)
-        _draw(img, rng, rng.choice(SHAPES), color, cx, cy, r)
-        objs.append((color, qx, qy))
+        _draw(img, rng, shape, color, cx, cy, r)
+        objs.append((color, qx, qy, shape))
     return img, objs
 
 
@@ -104,26 +106,23 @@ def gen_add(rng):
 
 def gen_left_color(rng):
     img, objs = _two_diagonal(rng)
-    left = next(c for c, qx, _ in objs if qx == 0)
+    left = next(c for c, qx, _, _ in objs if qx == 0)
     return "<image>What color is the left object?", left, [img], "exact", rng.choice(objs)[0]
 
 
 def gen_top_color(rng):
     img, objs = _two_diagonal(rng)
-    top = next(c for c, _, qy in objs if qy == 0)
+    top = next(c for c, _, qy, _ in objs if qy == 0)
     return "<image>What color is the top object?", top, [img], "exact", rng.choice(objs)[0]
 
 
-def gen_small_shape(rng):
-    """A big and a small object; the general `shape` skill reads the big one, so the base's prior points the
-    wrong way here (an earlier `big_shape` version was already 68 % solved by that prior)."""
-    img = _canvas(rng)
-    big, small = rng.sample(SHAPES, 2)
-    c1, c2 = rng.sample(list(COLORS), 2)
-    quads = rng.choice([((0, 0), (1, 1)), ((1, 0), (0, 1)), ((0, 0), (1, 0)), ((0, 1), (1, 1))])
-    for shape, color, (qx, qy), r in zip((big, small), (c1, c2), quads, (rng.randint(15, 18), rng.randint(6, 8))):
-        _draw(img, rng, shape, color, qx * 42 + rng.randint(r + 1, 41 - r), qy * 42 + rng.randint(r + 1, 41 - r), r)
-    return "<image>What shape is the small object?", small, [img], "exact", rng.choice((big, small))
+def gen_right_shape(rng):
+    """The left_color / top_color scenes, asked for a shape: both objects are equally salient, so a base that names
+    a shape in the picture is right about half the time (a big-vs-small version was not: the general `shape` prior
+    reads the big object, so "the big one" started at 68 % and "the small one" at 3 %)."""
+    img, objs = _two_diagonal(rng)
+    right = next(s for _, qx, _, s in objs if qx == 1)
+    return "<image>What shape is the right object?", right, [img], "exact", rng.choice(objs)[3]
 
 
 def gen_jigsaw(rng, grid=2):
@@ -149,7 +148,7 @@ def gen_jigsaw(rng, grid=2):
 
 
 GENERAL = {"color": gen_color, "shape": gen_shape, "side": gen_side, "add": gen_add}
-CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "small_shape": gen_small_shape, "top_color": gen_top_color}
+CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "right_shape": gen_right_shape, "top_color": gen_top_color}
 BUILTIN = {**GENERAL, **CPT}
 DEFAULT_SEQUENCE = list(CPT)
 DEFAULT_GENERAL = list(GENERAL)

@@ -54,7 +54,7 @@ def main():
     ref = common.load_model(common.DEFAULT_MODEL, device)
     if common.is_dist():
         common.shard_model(ref.model, device)
-    pool = builtin_items("small_shape", "train", 8)
+    pool = builtin_items("right_shape", "train", 8)
     seqs = [(it, b.tok(" ".join(["circle"] * (1 + i % 4)))["input_ids"] + [b.eos_id], (-1) ** i * (0.5 + i / 10))
             for i, it in enumerate(pool)]
     per = len(seqs) // world
