@@ -535,6 +535,10 @@ def run_cpt(args, script, train_stage):
     if is_dist():
         shard_model(b.model, device)
     log = Log(os.path.join(out, "log.jsonl"))
+    if rank_ == 0:  # keep only the finished stages' lines: a killed stage is rerun from its start
+        keep = [x for x in open(log.path)] if os.path.exists(log.path) and done else []
+        with open(log.path, "w") as f:
+            f.writelines(x for x in keep if json.loads(x).get("stage", 0) <= done)
     if not res["rows"]:
         seed_all(args.seed, "eval")
         acc = cached_base_row(args.model, specs, args, lambda: evaluate_all(

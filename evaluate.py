@@ -166,7 +166,7 @@ def markdown(groups):
         lines.append("")
     for name, runs in groups.items():  # the last row of each group, per task
         cols = runs[0]["columns"]
-        lines.append(f"**{name}**: accuracy after the last stage (mean over {len(runs)} seed(s))")
+        lines.append(f"**{name}**: accuracy matrix, % (mean over {len(runs)} seed(s))")
         lines.append("| row | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for ri, row in enumerate(runs[0]["rows"]):
@@ -215,12 +215,12 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 
 def _axes(d, box, xlabels, ylabel, f, ymin=0.0, ymax=100.0):
     x0, y0, x1, y1 = box
-    d.rectangle(box, outline="black")
     for v in range(int(ymin), int(ymax) + 1, 20 if ymax - ymin > 60 else 10):
         y = y1 - (v - ymin) / (ymax - ymin) * (y1 - y0)
         d.line([x0 - 4, y, x0, y], fill="black")
         d.line([x0 + 1, y, x1 - 1, y], fill=(235, 235, 235))
         d.text((x0 - 6, y), str(v), fill="black", font=f, anchor="rm")
+    d.rectangle(box, outline="black")  # last, so the grid does not paint over the frame
     for i, lab in enumerate(xlabels):
         x = x0 + (i + 0.5) / len(xlabels) * (x1 - x0)
         d.text((x, y1 + 6), lab, fill="black", font=f, anchor="ma")

@@ -10,7 +10,9 @@ A completion is scored in two steps:
        exact  : equal after normalisation (case, unicode, spaces, punctuation, leading article)
        choice : multiple-choice letter, "B", "(B)", "B." or "B) text" all read as B
        number : the whole answer parses as a number, equal within a relative tolerance
-       perm   : a permutation "2 4 1 3"; partial credit = fraction of positions right (P2 jigsaw)
+       perm   : a placement "2 4 1 3" of n tiles; partial credit = fraction of positions right (P2 jigsaw); a
+                placement with repeats ("2 1 1 4") is scored position by position but can never be all right,
+                and a constant guess ("1 1 1 1") gets exactly 1/n, what a random permutation gets on average
 
 reward = 0.9 * accuracy + 0.1 * format   (P1); for `perm`, accuracy = fraction right + 1 if all right (P2).
 Nothing here matches by substring, and nothing raises on odd text: a bad answer scores 0.
@@ -119,14 +121,20 @@ def parse_choice(s):
     return m.group(1).upper() if m else None
 
 
+def parse_placement(s, n):
+    """n tile numbers in 1..n separated by spaces or commas (repeats allowed); else None."""
+    parts = re.split(r"[\s,]+", s.strip())
+    if len(parts) != n or not all(p.isdigit() for p in parts):
+        return None
+    tiles = [int(p) for p in parts]
+    return tiles if all(1 <= t <= n for t in tiles) else None
+
+
 def parse_perm(s, n=None):
     """A permutation of 1..n written as digits separated by spaces or commas; else None."""
     parts = re.split(r"[\s,]+", s.strip())
-    if not all(p.isdigit() for p in parts):
-        return None
-    perm = [int(p) for p in parts]
-    n = n or len(perm)
-    return perm if sorted(perm) == list(range(1, n + 1)) else None
+    tiles = parse_placement(s, n or len(parts))
+    return tiles if tiles is not None and sorted(tiles) == list(range(1, len(tiles) + 1)) else None
 
 
 # ----------------------------------------------------------------------------- verifiers
@@ -150,7 +158,7 @@ def verify(answer, gold, kind="exact", rel_tol=1e-2):
         ok = p is not None and g is not None and math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-9)
     elif kind == "perm":
         g = parse_perm(gold)
-        p = parse_perm(answer, len(g))
+        p = parse_placement(answer, len(g))
         if p is None:
             return False, 0.0
         credit = perm_credit(p, g)

@@ -1,8 +1,8 @@
 """Verifiers, extraction and the reward, on hand-written cases (adversarial ones included)."""
 import pytest
 
-from data.rewards import extract_answer, normalize, parse_choice, parse_number, parse_perm, perm_credit, reward, \
-    score, verify
+from data.rewards import extract_answer, normalize, parse_choice, parse_number, parse_perm, parse_placement, \
+    perm_credit, reward, score, verify
 
 
 def test_reward_is_0_9_accuracy_plus_0_1_format():
@@ -100,8 +100,14 @@ def test_perm_partial_credit_by_hand():
     assert perm_credit([4, 3, 2, 1], [2, 4, 1, 3]) == 0.0
     assert verify("2 4 3 1", "2 4 1 3", "perm") == (False, 0.5)
     assert verify("2 4 1 3", "2 4 1 3", "perm") == (True, 2.0)
-    assert verify("2 4 1 3 5", "2 4 1 3", "perm") == (False, 0.0)
+    assert verify("2 4 1 3 5", "2 4 1 3", "perm") == (False, 0.0)     # five tiles for a four-tile puzzle
+    assert verify("2 4 1 5", "2 4 1 3", "perm") == (False, 0.0)       # no tile 5
     assert verify("", "2 4 1 3", "perm") == (False, 0.0)
+    # repeats: scored position by position (P2's "tiles placed correctly"), never all right
+    assert parse_placement("2 1 1 4", 4) == [2, 1, 1, 4] and parse_perm("2 1 1 4") is None
+    assert verify("2 4 1 1", "2 4 1 3", "perm") == (False, 0.75)
+    for gold in ("2 4 1 3", "4 3 2 1", "1 3 4 2"):                   # a constant guess gets exactly 1/n
+        assert verify("1 1 1 1", gold, "perm") == (False, 0.25)
 
 
 def test_score_combines_format_and_verifier():

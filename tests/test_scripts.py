@@ -56,6 +56,8 @@ def test_sft_writes_results_and_resumes_after_a_kill(tmp_path):
     out = run("cpt_sft.py", *TINY, "--out", part)
     assert "resuming after stage 1" in out
     assert results(part)["acc"] == res["acc"]
+    relog = [json.loads(x) for x in open(os.path.join(part, "log.jsonl"))]
+    assert [(x["stage"], x["step"]) for x in relog] == [(x["stage"], x["step"]) for x in logs]  # no duplicates
     # a different command on the same folder is refused rather than mixed in
     r = subprocess.run([sys.executable, "cpt_sft.py", *TINY, "--lr", "0.5", "--out", part], env=ENV, cwd=ROOT,
                        capture_output=True, text=True)
