@@ -73,7 +73,7 @@ def self_targets(b, items, args, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p, steps=60, micro_batch=16, lr=1e-4, lr_note="P1: 1e-5 on 7B")
+    common.add_common_args(p, steps=60, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
     g = p.add_argument_group("self-generated data (P2)")
     g.add_argument("--sft_data", default="gold", choices=["gold", "self"], help="ground truth, or own correct rollouts")
     g.add_argument("--k", type=int, default=8, help="rollouts per item for --sft_data self")

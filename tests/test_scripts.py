@@ -138,7 +138,7 @@ def test_evaluate_report_and_checkpoint_mode(tmp_path):
     run("cpt_sft.py", *TINY, "--seed", "1", "--out", b)
     rep = str(tmp_path / "rep")
     out = run("evaluate.py", a, b, "--report", rep, "--frontier")
-    assert "| sft lr=0.0001 | 2 |" in out
+    assert "| sft lr=3e-05 | 2 |" in out
     for f in ("report.md", "summary.json", "curves.png", "frontier.png"):
         assert os.path.exists(os.path.join(rep, f))
     out = run("evaluate.py", os.path.join(a, "stage-2"), "--tasks", "add", "--eval_n", "10")
@@ -150,6 +150,6 @@ def test_compare_quick(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "compare.sh"), "--quick"], env={**ENV, "OUT": out}, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "| sft lr=0.0001 | 1 |" in r.stdout and "| rft-multitask lr=0.0001 | 1 |" in r.stdout
+    assert "| sft lr=3e-05 | 1 |" in r.stdout and "| rft-multitask lr=0.0001 | 1 |" in r.stdout
     assert os.path.exists(os.path.join(out, "report", "report.md"))
     assert "total wall time" in r.stdout
