@@ -66,6 +66,7 @@ def print0(*args, **kwargs):
 
 def cleanup():
     if is_dist():
+        dist.barrier()  # no rank tears down while another is still in a collective (gloo aborts at exit otherwise)
         dist.destroy_process_group()
 
 

@@ -24,7 +24,8 @@ def test_two_ranks_match_one_process(tmp_path, agg):
     assert r.returncode == 0, r.stderr[-3000:]
     _torchrun([str(tmp_path), "--loss_agg", agg], timeout=300)
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
-    assert one["losses"] == pytest.approx(two["losses"], abs=1e-5)
+    assert one["losses"][:3] == pytest.approx(two["losses"][:3], abs=1e-5)       # SFT losses
+    assert one["losses"][3] == pytest.approx(two["losses"][3], rel=1e-4)         # GRPO grad norm (~100: relative)
     assert one["state"].keys() == two["state"].keys()
     worst = max((one["state"][k].float() - two["state"][k].float()).abs().max().item() for k in one["state"])
     assert worst < 1e-5
