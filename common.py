@@ -313,7 +313,7 @@ def max_tokens(fmt, plain=16):
 def evaluate_task(b, items, fmt, device, batch_size=256, desc=None):
     """Greedy accuracy (and mean reward) on a list of items; items are split over ranks, counts summed."""
     mine = items[rank()::world()]
-    n_batches = -(-len(items[0::world()]) // batch_size)  # the same on every rank: FSDP needs equal forwards
+    n_batches = int(all_max(-(-len(mine) // batch_size), device))  # the same on every rank: FSDP needs equal forwards
     correct = rew = 0.0
     for i in tqdm(range(n_batches), desc=desc, disable=rank() != 0 or desc is None, leave=False):
         chunk = mine[i * batch_size:(i + 1) * batch_size]

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import common
 from common import Stream
+from data.rewards import score
 from filter import filter_items, zero_variance
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
@@ -94,7 +95,7 @@ def grpo_step(b, ref, opt, items, args, device, probe=None):
     baseline = None
     if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
         greedy, _ = common.generate(b, items, args.format, args.max_new_tokens, greedy=True, device=device)
-        baseline = torch.tensor([common.score(common.decode(b, c), it["answer"], it["kind"], args.format).reward
+        baseline = torch.tensor([score(common.decode(b, c), it["answer"], it["kind"], args.format).reward
                                  for c, it in zip(greedy, items)])
     adv = group_advantages(rewards, args.adv, baseline)
     zero = [zero_variance(row["rewards"]) for row in table]
@@ -170,7 +171,7 @@ def general_probe(b, specs, n, fmt, device):
     """A closure measuring the change of the mean log-likelihood of the general tasks' gold answers since its last
     call: P1's interference of an update with prior knowledge, made visible per step."""
     from cpt_sft import sft_target
-    items = [it for s in specs for it in common.eval_items(s, n) if b.is_vlm or not it["images"]]
+    items = [it for s in specs for it in common.eval_items(s, n, "val") if b.is_vlm or not it["images"]]
     targets = [sft_target(b, it["answer"], fmt) for it in items]
     last = [None]
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import Stream, print0
+from common import Stream
 
 
 def sft_loss(logp, mask, n_tokens):

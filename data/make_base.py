@@ -73,15 +73,14 @@ def build_config(tok):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
 
 
-def build(out):
-    """Tokenizer, image processor and randomly initialised model, saved as a HF folder; returns a Bundle."""
+def build():
+    """Tokenizer, image processor and a randomly initialised model, as a Bundle."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
     tok = build_tokenizer()
     improc = Qwen2VLImageProcessor(min_pixels=84 * 84, max_pixels=84 * 84, patch_size=14, merge_size=2,
                                    temporal_patch_size=2)
     model = Qwen2_5_VLForConditionalGeneration(build_config(tok))
-    b = common.Bundle(model, tok, improc)
-    return b
+    return common.Bundle(model, tok, improc)
 
 
 def mix(rng, n, weak_weight, vision_only=False):
@@ -116,7 +115,7 @@ def main():
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rng = random.Random(args.seed)
-    b = build(args.out)
+    b = build()
     device = torch.device("cpu")
     n_params = sum(q.numel() for q in b.model.parameters())
     print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(b.tok)}")

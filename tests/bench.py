@@ -80,11 +80,7 @@ def main():
     a = p.parse_args()
     _, world, device = common.init_dist()
     b = build(a.shape, device)
-    if a.grad_ckpt:
-        b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    s = a.image * a.image
-    b.improc.size = type(b.improc.size)(**{**dict(b.improc.size), "shortest_edge": s, "longest_edge": s}) \
-        if not isinstance(b.improc.size, dict) else {**b.improc.size, "shortest_edge": s, "longest_edge": s}
+    common.configure(b, argparse.Namespace(grad_ckpt=a.grad_ckpt, min_pixels=a.image ** 2, max_pixels=a.image ** 2))
     if common.is_dist():
         common.shard_model(b.model, device)
     from PIL import Image

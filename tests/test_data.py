@@ -29,7 +29,7 @@ def test_answers_follow_the_rule():
         b = gen_top_color(random.Random(f"x/{i}"))[1]
         agree += a == b
     assert 60 < agree < 140
-    assert {x["answer"] for x in lc} == {"red", "green", "blue", "yellow"}
+    assert {x["answer"] for x in lc} == {x["answer"] for x in tc} == {"red", "green", "blue", "yellow"}
 
 
 def test_jigsaw_answer_reassembles_the_picture():
