@@ -167,14 +167,13 @@ def encode(b, items, fmt, completions=None):
         if not b.is_vlm:  # text-only models take plain string content
             msgs = [{"role": m["role"], "content": "".join(c["text"] for c in m["content"])} for m in msgs]
         texts.append(b.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-        images += [open_image(im, it.get("where", "?")) for im in it["images"]]
+        images += [(im, it.get("where", "?")) for im in it["images"]]
     out = {}
     if images:
-        vis = b.improc(images=images, return_tensors="pt")
+        out = _pixels(b, images)
         merge = b.improc.merge_size ** 2
-        counts = iter((vis["image_grid_thw"].prod(-1) // merge).tolist())
+        counts = iter((out["image_grid_thw"].prod(-1) // merge).tolist())
         texts = [_expand_images(t, b.image_token, counts) for t in texts]
-        out = {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}
     prompts = [b.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     comps = completions if completions is not None else [[] for _ in prompts]
     lp, lc = max(map(len, prompts)), max(map(len, comps))
@@ -190,6 +189,20 @@ def encode(b, items, fmt, completions=None):
     if b.is_vlm:
         out["mm_token_type_ids"] = (ids == b.model.config.image_token_id).long()
     return out, lp, comp_mask
+
+
+def _pixels(b, images):
+    """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
+    once: a GRPO batch repeats every prompt's image G times, and the image processor works per image anyway."""
+    first = {}
+    for entry, where in images:
+        first.setdefault(id(entry), (entry, where))
+    vis = b.improc(images=[open_image(e, w) for e, w in first.values()], return_tensors="pt")
+    grid = vis["image_grid_thw"]
+    rows = dict(zip(first, vis["pixel_values"].split(grid.prod(-1).tolist())))
+    pos = {k: i for i, k in enumerate(first)}
+    keys = [id(entry) for entry, _ in images]
+    return {"pixel_values": torch.cat([rows[k] for k in keys]), "image_grid_thw": grid[[pos[k] for k in keys]]}
 
 
 def _expand_images(text, token, counts):

@@ -28,12 +28,12 @@ if [ "$MODE" = sweep ]; then
   for lr in ${SFT_LRS:-1e-5 3e-5 1e-4}; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
   for lr in ${RFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_rft.py --lr $lr --out $OUT/rft-lr$lr"); done
 else
-  for s in $SEEDS; do
-    jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s")
-    jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s")
-    jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s")
-    jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s")
-  done
+  # longest jobs first (sequential RFT ~2 min, multi-task RFT, sequential SFT, multi-task SFT ~1 min), so that
+  # the two workers run out of work at about the same time
+  for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
 fi
 printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 -I{} sh -c \
   'python3 {} '"${EXTRA[*]:-}"' > "$(echo {} | sed "s/.*--out //").log" 2>&1 || { echo "failed: {}"; exit 255; }'

@@ -61,6 +61,12 @@ def keep(mode, rewards, correct, low=0.0, high=1.0, tol=REWARD_TOL):
     raise ValueError(f"unknown filter mode {mode!r}")
 
 
+def token_nll(logp, mask):
+    """(summed negative log-likelihood in nats, token count) of completions under the model. Their ratio is P2's
+    measure of how far a data set lies from the model's own distribution: exp(ratio) is its perplexity."""
+    return -float((logp * mask).sum()), float(mask.sum())
+
+
 def histogram(rates, bins=8):
     """Counts of pass rates in `bins` equal bins of [0, 1] (1.0 falls in the last bin)."""
     counts = [0] * bins
@@ -85,6 +91,32 @@ def filter_items(b, items, mode, args, device, low=0.0, high=1.0):
              "pass_rate_histogram": [int(h) for h in hist], "rollout_tokens": int(tokens),
              "rollout_seconds": round(time.time() - t0, 2)}
     return kept, stats, table
+
+
+@torch.no_grad()
+def data_nll(b, table, fmt, device, batch_size=64):
+    """Per-token NLL under the model (temperature 1) of three data sets built from this rank's rollout table:
+    the gold answers as SFT would teach them, the model's own rollouts, and its own correct rollouts (P2's
+    "RFT-simulated" SFT data). Sums over all ranks; every rank runs the same number of forwards (FSDP)."""
+    from cpt_sft import sft_target
+    sets = {"gold": [(row["item"], sft_target(b, row["item"]["answer"], fmt)) for row in table],
+            "own": [(row["item"], c) for row in table for c in row["completions"]],
+            "own_correct": [(row["item"], c) for row in table for c, s in zip(row["completions"], row["scores"])
+                            if s.correct]}
+    out = {}
+    for name, pairs in sets.items():
+        n_calls = int(common.all_max(-(-len(pairs) // batch_size), device))
+        nll = tokens = 0.0
+        for i in range(n_calls):
+            chunk = pairs[i * batch_size:(i + 1) * batch_size]
+            real = 1.0 if chunk else 0.0
+            chunk = chunk or [(table[0]["item"], [b.eos_id])]  # a stand-in pass that counts for nothing
+            logp, mask = common.token_logprobs(b, [x for x, _ in chunk], fmt, [y for _, y in chunk], device)
+            s, n = token_nll(logp, mask)
+            nll, tokens = nll + real * s, tokens + real * n
+        nll, tokens = common.all_sum([nll, tokens], device)
+        out[f"{name}_nll_per_token"] = round(nll / tokens, 4) if tokens else None
+    return out
 
 
 def main(argv=None):
@@ -117,6 +149,7 @@ def main(argv=None):
     items = load_split(args.task, args.split, args.n if args.task in BUILTIN else None)
     mine = items[common.rank()::common.world()]
     kept, stats, table = filter_items(b, mine, args.mode, args, device, args.low, args.high)
+    stats.update(data_nll(b, table, args.format, device))
     os.makedirs(args.out, exist_ok=True)
     name = "kept.jsonl" if args.emit == "kept" else "correct.jsonl"
     rows = []

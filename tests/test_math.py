@@ -8,7 +8,7 @@ import torch
 from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl
 from cpt_sft import sft_loss
 from evaluate import mean_std, metrics, pearson, variance_diagnostic
-from filter import histogram, keep, pass_rate, reward_stats, zero_variance
+from filter import histogram, keep, pass_rate, reward_stats, token_nll, zero_variance
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -139,6 +139,15 @@ def test_pass_rate_bounds_are_open_with_tolerance():
 
 def test_histogram():
     assert histogram([0.0, 0.125, 0.5, 0.99, 1.0], bins=4) == [2, 0, 1, 2]
+
+
+def test_token_nll_by_hand():
+    # two completions: p = 1/2, 1/4 (then padding whose log p is already zeroed), and p = 1 (log p = 0)
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    nll, n = token_nll(logp, mask)
+    assert n == 3 and nll == pytest.approx(math.log(2) + math.log(4))   # 3 ln 2 = 2.079 nats over 3 tokens
+    assert math.exp(nll / n) == pytest.approx(2.0)                      # perplexity 2
 
 
 # ----------------------------------------------------------------------------- continual-learning metrics

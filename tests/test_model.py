@@ -43,6 +43,31 @@ def test_mrope_is_on():
     assert torch.allclose(g.scores[0], on, atol=1e-4)
 
 
+def test_repeated_images_are_processed_once_with_the_same_pixels():
+    items = builtin_items("left_color", "test", 3) + builtin_items("jigsaw", "test", 1)
+    group = [items[i] for i in (0, 0, 1, 2, 1, 3, 0)]  # a GRPO-like batch: the same item object repeated
+    batch, _, _ = common.encode(B, group, "plain")
+    vis = B.improc(images=[it["images"][0].copy() for it in group], return_tensors="pt")  # every copy processed
+    assert torch.equal(batch["pixel_values"], vis["pixel_values"])
+    assert torch.equal(batch["image_grid_thw"], vis["image_grid_thw"])
+    calls = []
+
+    class Counting:  # the real processor, counting the images it is given
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, images, **kw):
+            calls.append(len(images))
+            return real(images=images, **kw)
+
+    real, B.improc = B.improc, Counting()
+    try:
+        common.encode(B, group, "plain")
+    finally:
+        B.improc = real
+    assert calls == [4]
+
+
 def test_sampling_never_emits_forbidden_tokens():
     forbidden = set(B.forbidden)
     assert {B.model.config.image_token_id, B.model.config.vision_start_token_id,
@@ -102,3 +127,19 @@ def test_checkpoint_round_trip(tmp_path):
     from transformers import AutoModelForImageTextToText
     assert type(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "ck"))).__name__ == \
         "Qwen2_5_VLForConditionalGeneration"
+
+
+def test_data_nll_of_gold_and_own_rollouts():
+    from types import SimpleNamespace
+    from filter import data_nll
+    items = builtin_items("left_color", "test", 3)
+    gold = [sft_target(B, it["answer"], "plain") for it in items]
+    right, wrong = SimpleNamespace(correct=True), SimpleNamespace(correct=False)
+    # "rollouts" that repeat the gold answer, one of them marked wrong: all three sets hold the same sequences
+    table = [{"item": it, "completions": [g, g], "scores": [right, wrong]} for it, g in zip(items, gold)]
+    out = data_nll(B, table, "plain", "cpu", batch_size=2)   # 2 per forward: chunking and a partial last chunk
+    logp, mask = common.token_logprobs(B, items, "plain", gold, "cpu")
+    expect = float(-(logp * mask).sum() / mask.sum())
+    assert expect > 0.05   # the base does not know the rule: its gold answers are far from certain
+    for k in ("gold_nll_per_token", "own_nll_per_token", "own_correct_nll_per_token"):
+        assert abs(out[k] - expect) < 1e-4, (k, out[k], expect)
