@@ -10,8 +10,9 @@ The model learns the tasks one after another, with no replay. One GRPO step on a
                rho_t = pi(y_t) / pi_old(y_t), k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen start model,
                aggregated by --loss_agg with normalisers counted over the *global* batch (all micro-batches and
                ranks), so accumulation and world size do not change the gradient.
-A group whose rewards are all equal has A = 0: it teaches nothing (P1's "selective update"); --skip_zero_var drops
-such groups before the update, --rif MODE drops such instances before the stage (filter.py).
+A group whose rewards are all equal has A = 0: it teaches nothing (P1's "selective update"). Without the KL term
+its sequences are not even run through the model (they would add exactly zero) but still count in the normaliser;
+--skip_zero_var drops such groups from the normaliser too, --rif MODE drops such instances before the stage.
 After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
 
     python cpt_rft.py                                 # the tiny default, a few minutes on 2 CPU cores
@@ -107,11 +108,19 @@ def grpo_step(b, ref, opt, items, args, device, probe=None):
          gen_tok, rewards.var(1, correction=0).mean().item() * len(table)], device)
     n_samples = n_groups * args.group
 
-    # flatten groups into (item, completion, advantage); --skip_zero_var drops the groups that carry no signal
-    seqs = [(row["item"], c, float(a)) for row, advs, z in zip(table, adv, zero)
-            if not (args.skip_zero_var and z) for c, a in zip(row["completions"], advs)]
+    # flatten groups into (item, completion, advantage); --skip_zero_var drops the groups that carry no signal.
+    # Without the KL term a zero-variance group adds exactly nothing to the gradient (A = 0), so its sequences are
+    # not run through the model, but they still count in the loss normaliser: the gradient is the full batch's.
+    seqs, idle = [], [0, 0]  # idle: tokens and sequences of the groups that stay in the normaliser only
+    for row, advs, z in zip(table, adv, zero):
+        if z and (args.skip_zero_var or args.kl_coef == 0):
+            if not args.skip_zero_var:
+                idle[0] += sum(len(c) for c in row["completions"])
+                idle[1] += len(row["completions"])
+            continue
+        seqs += [(row["item"], c, float(a)) for c, a in zip(row["completions"], advs)]
     t1 = time.time()
-    upd = grpo_update(b, ref, opt, seqs, args, device, fallback_item=items[0])
+    upd = grpo_update(b, ref, opt, seqs, args, device, fallback_item=items[0], idle=idle)
     m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero / n_groups,
          "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples, "reward_var": var_sum / n_groups,
          **upd, "rollout_s": round(t_roll, 3), "update_s": round(time.time() - t1, 3),
@@ -121,14 +130,16 @@ def grpo_step(b, ref, opt, items, args, device, probe=None):
     return m
 
 
-def grpo_update(b, ref, opt, seqs, args, device, fallback_item=None):
-    """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples.
+def grpo_update(b, ref, opt, seqs, args, device, fallback_item=None, idle=(0, 0)):
+    """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples; `idle` (tokens,
+    sequences) are zero-advantage sequences left out of the forward but counted in the normalisers.
     The loss normalisers are counted over all ranks, and every rank runs the same number of forwards (FSDP)."""
-    n_tokens, n_seqs = common.all_sum([sum(len(c) for _, c, _ in seqs), len(seqs)], device)
+    n_tokens, n_seqs = common.all_sum([sum(len(c) for _, c, _ in seqs) + idle[0], len(seqs) + idle[1]], device)
     if n_seqs == 0:
         return {"grad_norm": 0.0, "updated_seqs": 0, "kl": 0.0}
     mbs = [seqs[i:i + args.micro_batch] for i in range(0, len(seqs), args.micro_batch)]
-    n_mb = int(common.all_max(len(mbs), device))
+    # at least one (stand-in) pass: a batch of only zero-advantage groups still takes its (zero-gradient) Adam step
+    n_mb = max(1, int(common.all_max(len(mbs), device)))
     # a rank with fewer micro-batches runs weight-0 passes on a stand-in sequence
     dummy = [[mbs[0][0] if mbs else (fallback_item, [b.eos_id], 0.0)]]
     old = ref_lp = [None] * n_mb

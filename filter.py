@@ -9,6 +9,8 @@ and keep per instance the mean and variance of the reward. Then keep the instanc
 
 Rewards are compared with a tolerance (REWARD_TOL), never with ==: 0.9*1 + 0.1*1 is not exactly 1.0 in floats.
 --emit correct writes the correct rollouts themselves as an SFT data set (P2's "RFT-simulated rollouts").
+The stats also give P2's data view: the per-token NLL under the model of the gold answers (what SFT would teach),
+of its own rollouts and of its own correct rollouts (P2: SFT forgets more when the first is much higher).
 cpt_rft.py --rif MODE runs the same filter at the start of every stage with the model that is about to learn.
 
     python filter.py --task left_color --n 256 --mode zero_variance --out runs/filter

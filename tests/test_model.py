@@ -1,5 +1,6 @@
 """The shipped tiny base through the normal loading path: M-RoPE is on, sampling never emits vision/pad tokens,
 exactly the answer tokens carry the SFT loss, and checkpoints load back with from_pretrained."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +66,7 @@ def test_repeated_images_are_processed_once_with_the_same_pixels():
         common.encode(B, group, "plain")
     finally:
         B.improc = real
-    assert calls == [4]
+    assert calls == [4]                                  # each distinct image once
 
 
 def test_sampling_never_emits_forbidden_tokens():
@@ -143,3 +144,32 @@ def test_data_nll_of_gold_and_own_rollouts():
     assert expect > 0.05   # the base does not know the rule: its gold answers are far from certain
     for k in ("gold_nll_per_token", "own_nll_per_token", "own_correct_nll_per_token"):
         assert abs(out[k] - expect) < 1e-4, (k, out[k], expect)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "dr_grpo"])
+def test_zero_advantage_groups_are_skipped_without_changing_the_gradient(agg):
+    from types import SimpleNamespace
+    from cpt_rft import grpo_update
+    items = builtin_items("left_color", "test", 2)
+    comp = [sft_target(B, w, "plain") for w in ("red", "blue", "green", "yellow")]
+    live = [(items[0], comp[0], 1.0), (items[0], comp[1], -1.0)]
+    dead = [(items[1], comp[2], 0.0), (items[1], comp[3], 0.0)]   # a zero-variance group: A = 0
+    args = SimpleNamespace(micro_batch=64, ppo_epochs=1, kl_coef=0.0, clip_low=0.2, clip_high=0.3, loss_agg=agg,
+                           max_new_tokens=16, format="plain", temperature=1.0, grad_clip=1e9)
+
+    class Capture:  # an optimizer that keeps the gradient instead of stepping
+        def step(self):
+            self.grads = [p.grad.clone() for p in B.model.parameters()]
+
+        def zero_grad(self, set_to_none=True):
+            B.model.zero_grad(set_to_none=set_to_none)
+
+    full, skipped, only_dead = Capture(), Capture(), Capture()
+    grpo_update(B, None, full, live + dead, args, "cpu")
+    idle = (sum(len(c) for _, c, _ in dead), len(dead))
+    grpo_update(B, None, skipped, live, args, "cpu", idle=idle)
+    for a, b in zip(full.grads, skipped.grads):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+    assert max(g.abs().max() for g in full.grads) > 1e-4           # the live group does move the model
+    m = grpo_update(B, None, only_dead, [], args, "cpu", fallback_item=items[1], idle=idle)
+    assert m["updated_seqs"] == 2 and all(g.abs().max() == 0 for g in only_dead.grads)  # a zero step, still taken
