@@ -354,7 +354,7 @@ def main(argv=None):
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE + DEFAULT_GENERAL, help="built-in names or JSONL")
     g.add_argument("--format", default="plain", choices=["plain", "boxed", "tags"], help="answer format")
     g.add_argument("--eval_n", type=int, default=500, help="test items per task")
-    g.add_argument("--eval_batch", type=int, default=256, help="evaluation batch size")
+    g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size")
     g = p.add_argument_group("comparing runs")
     g.add_argument("--report", default=None, help="folder for report.md, summary.json and the PNG pictures")
     g.add_argument("--frontier", action="store_true", help="also plot retention against new-task gain")
