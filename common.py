@@ -77,6 +77,14 @@ def all_max(value, device):
     return t.item()
 
 
+def equal_chunks(seq, size, device, filler):
+    """(chunk, real) for consecutive chunks of this rank's `seq`, as many on every rank: under FSDP all ranks must
+    run the same forwards, so a rank that has run out gets ([filler], False), a pass whose output is thrown away."""
+    for i in range(int(all_max(-(-len(seq) // size), device))):
+        chunk = seq[i * size:(i + 1) * size]
+        yield (chunk, True) if chunk else ([filler], False)
+
+
 def all_sum(values, device):
     """Sum a list of floats over ranks (identity in a single process)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -194,15 +202,14 @@ def encode(b, items, fmt, completions=None):
 def _pixels(b, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
     once: a GRPO batch repeats every prompt's image G times, and the image processor works per image anyway."""
-    first = {}
+    distinct = {}  # id(entry) -> (position among the distinct images, entry, where)
     for entry, where in images:
-        first.setdefault(id(entry), (entry, where))
-    vis = b.improc(images=[open_image(e, w) for e, w in first.values()], return_tensors="pt")
+        distinct.setdefault(id(entry), (len(distinct), entry, where))
+    vis = b.improc(images=[open_image(e, w) for _, e, w in distinct.values()], return_tensors="pt")
     grid = vis["image_grid_thw"]
-    rows = dict(zip(first, vis["pixel_values"].split(grid.prod(-1).tolist())))
-    pos = {k: i for i, k in enumerate(first)}
-    keys = [id(entry) for entry, _ in images]
-    return {"pixel_values": torch.cat([rows[k] for k in keys]), "image_grid_thw": grid[[pos[k] for k in keys]]}
+    rows = vis["pixel_values"].split(grid.prod(-1).tolist())
+    idx = [distinct[id(entry)][0] for entry, _ in images]
+    return {"pixel_values": torch.cat([rows[i] for i in idx]), "image_grid_thw": grid[idx]}
 
 
 def _expand_images(text, token, counts):
@@ -291,14 +298,11 @@ def rollout(b, items, fmt, k, temperature, max_new_tokens, device, batch_size=25
     completions (token ids), texts, scores (rewards.Score), rewards, truncated flags. Generation runs in chunks
     of whole groups; every rank runs the same number of chunks (FSDP), padding with a dummy chunk if needed."""
     assert items, "every rank needs at least one item to roll out"
-    per_call = max(1, batch_size // k)
-    n_calls = int(all_max(-(-len(items) // per_call), device))
     out = []
-    for c in range(n_calls):
-        chunk = items[c * per_call:(c + 1) * per_call]
-        comps, trunc = generate(b, [it for it in (chunk or items[:1]) for _ in range(k)], fmt, max_new_tokens,
-                                temperature, device=device)
-        for i, it in enumerate(chunk):
+    for chunk, real in equal_chunks(items, max(1, batch_size // k), device, items[0]):
+        comps, trunc = generate(b, [it for it in chunk for _ in range(k)], fmt, max_new_tokens, temperature,
+                                device=device)
+        for i, it in enumerate(chunk if real else []):
             cs, ts = comps[i * k:(i + 1) * k], trunc[i * k:(i + 1) * k]
             texts = [decode(b, x) for x in cs]
             scores = [score(t, it["answer"], it["kind"], fmt) for t in texts]
@@ -325,15 +329,11 @@ def max_tokens(fmt, plain=16):
 @torch.no_grad()
 def evaluate_task(b, items, fmt, device, batch_size=256, desc=None):
     """Greedy accuracy (and mean reward) on a list of items; items are split over ranks, counts summed."""
-    mine = items[rank()::world()]
-    n_batches = int(all_max(-(-len(mine) // batch_size), device))  # the same on every rank: FSDP needs equal forwards
     correct = rew = 0.0
-    for i in tqdm(range(n_batches), desc=desc, disable=rank() != 0 or desc is None, leave=False):
-        chunk = mine[i * batch_size:(i + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or items[:1]  # an empty shard still has to step with the others
+    chunks = list(equal_chunks(items[rank()::world()], batch_size, device, items[0]))  # a list: tqdm shows the total
+    for chunk, real in tqdm(chunks, desc=desc, disable=rank() != 0 or desc is None, leave=False):
         comps, _ = generate(b, chunk, fmt, max_tokens(fmt), greedy=True, device=device)
-        for it, c in list(zip(chunk, comps))[:real]:
+        for it, c in zip(chunk if real else [], comps):
             s = score(decode(b, c), it["answer"], it["kind"], fmt)
             correct += s.correct
             rew += s.reward

@@ -113,10 +113,11 @@ def grpo_step(b, ref, opt, items, args, device, probe=None):
     # not run through the model, but they still count in the loss normaliser: the gradient is the full batch's.
     seqs, idle = [], [0, 0]  # idle: tokens and sequences of the groups that stay in the normaliser only
     for row, advs, z in zip(table, adv, zero):
-        if z and (args.skip_zero_var or args.kl_coef == 0):
-            if not args.skip_zero_var:
-                idle[0] += sum(len(c) for c in row["completions"])
-                idle[1] += len(row["completions"])
+        if z and args.skip_zero_var:
+            continue
+        if z and args.kl_coef == 0:
+            idle[0] += sum(len(c) for c in row["completions"])
+            idle[1] += len(row["completions"])
             continue
         seqs += [(row["item"], c, float(a)) for c, a in zip(row["completions"], advs)]
     t1 = time.time()

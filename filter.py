@@ -107,12 +107,8 @@ def data_nll(b, table, fmt, device, batch_size=64):
                             if s.correct]}
     out = {}
     for name, pairs in sets.items():
-        n_calls = int(common.all_max(-(-len(pairs) // batch_size), device))
         nll = tokens = 0.0
-        for i in range(n_calls):
-            chunk = pairs[i * batch_size:(i + 1) * batch_size]
-            real = 1.0 if chunk else 0.0
-            chunk = chunk or [(table[0]["item"], [b.eos_id])]  # a stand-in pass that counts for nothing
+        for chunk, real in common.equal_chunks(pairs, batch_size, device, (table[0]["item"], [b.eos_id])):
             logp, mask = common.token_logprobs(b, [x for x, _ in chunk], fmt, [y for _, y in chunk], device)
             s, n = token_nll(logp, mask)
             nll, tokens = nll + real * s, tokens + real * n

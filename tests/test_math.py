@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import common
 from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl
 from cpt_sft import sft_loss
 from evaluate import mean_std, metrics, pearson, variance_diagnostic
@@ -209,3 +210,13 @@ def test_variance_diagnostic_reads_grpo_logs():
     d = variance_diagnostic(log)
     assert d["steps"] == 4 and d["reward_var_vs_grad_norm"] == pytest.approx(1.0)
     assert d["reward_var_vs_abs_general_ll_change"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- equal forwards on every rank
+
+def test_equal_chunks_pad_a_short_rank_with_stand_ins(monkeypatch):
+    assert list(common.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0)) == [([1, 2], True), ([3, 4], True), ([5], True)]
+    # another rank has 4 chunks: this one follows with a stand-in pass whose output is thrown away
+    monkeypatch.setattr(common, "all_max", lambda value, device: max(value, 4))
+    assert list(common.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0))[3:] == [([0], False)]
+    assert list(common.equal_chunks([], 2, "cpu", 9)) == [([9], False)] * 4
