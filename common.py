@@ -1,35 +1,41 @@
 """What cpt_sft.py, cpt_rft.py, filter.py and evaluate.py share, written once.
 
 In the order a run uses it:
-  1. distributed set-up (torchrun or plain python), seeds, print0
-  2. model loading: any Hugging Face folder; Qwen2-VL / Qwen2.5-VL through AutoModelForImageTextToText,
-     text-only chat models through AutoModelForCausalLM
-  3. prompt encoding: chat template, image tokens expanded, mm_token_type_ids (M-RoPE is off without them)
-  4. sampling (generate) with the tokens that must never be sampled masked out, and per-token log-probs
-     computed with the very same mask, so the loss and the sampler see one distribution
-  5. evaluation (greedy) on task test splits
-  6. FSDP2: fully_shard on every decoder / vision block, then the root; full-state-dict checkpoints by rank 0
-  7. the continual post-training loop: base row, then train stage -> evaluate everything -> checkpoint -> results.json
+  1. distributed set-up (torchrun or plain python), seeds, print0, equal work on every rank
+  2. results on disk: atomic strict-JSON files, the per-step log, the stop on a diverging run
+  3. model loading: any Hugging Face folder or .gguf file; Qwen2-VL / Qwen2.5-VL through
+     AutoModelForImageTextToText, text-only chat models through AutoModelForCausalLM; memory flags
+  4. prompt encoding: chat template, image tokens expanded, mm_token_type_ids (M-RoPE is off without them)
+  5. sampling (generate) from exactly the distribution the loss sees: the tokens that must never be sampled masked
+     out in both, and no sampling setting of the checkpoint's own generation_config
+  6. rollouts and the reward-variance filter (RIF-RFT), shared by cpt_rft.py --rif and filter.py
+  7. evaluation (greedy) on task test splits
+  8. FSDP2: fully_shard on every decoder / vision block, then the root; full-state-dict checkpoints by rank 0
+  9. the continual post-training loop: every input checked, base row, then train stage -> evaluate everything ->
+     checkpoint -> results.json
 """
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.rewards import FORMAT_INSTRUCTIONS, score
-from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, load_split, open_image, task_name
+from data.rewards import FORMAT_INSTRUCTIONS, FORMATS, answer_text, score
+from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, open_image, task_name
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "data", "tiny-base")
-IGNORE = -100
+# the base row of a comparison is computed once and shared by its runs; keyed by everything that changes it
+CACHE_DIR = os.environ.get("CPT_CACHE", os.path.join(ROOT, "runs", ".cache"))
 
 
 # ----------------------------------------------------------------------------- 1. distributed set-up
@@ -37,14 +43,20 @@ IGNORE = -100
 def init_dist():
     """(rank, world, device). Under torchrun: a process group (NCCL on GPU, gloo on CPU); else a single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if is_dist():
+            return dist.get_rank(), dist.get_world_size(), _device()
         cuda = torch.cuda.is_available()
-        local = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.get_rank(), dist.get_world_size(), _device()
+    return 0, 1, _device()
+
+
+def _device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def is_dist():
@@ -57,6 +69,11 @@ def rank():
 
 def world():
     return dist.get_world_size() if is_dist() else 1
+
+
+def planned_world():
+    """The world size before the process group exists (torchrun sets WORLD_SIZE), for checks before any work."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def print0(*args, **kwargs):
@@ -77,20 +94,21 @@ def all_max(value, device):
     return t.item()
 
 
-def equal_chunks(seq, size, device, filler):
-    """(chunk, real) for consecutive chunks of this rank's `seq`, as many on every rank: under FSDP all ranks must
-    run the same forwards, so a rank that has run out gets ([filler], False), a pass whose output is thrown away."""
-    for i in range(int(all_max(-(-len(seq) // size), device))):
-        chunk = seq[i * size:(i + 1) * size]
-        yield (chunk, True) if chunk else ([filler], False)
-
-
 def all_sum(values, device):
     """Sum a list of floats over ranks (identity in a single process)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if is_dist():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def equal_chunks(seq, size, device, filler, at_least=0):
+    """(chunk, real) for consecutive chunks of this rank's `seq`, as many on every rank (and at least `at_least`).
+    Under FSDP every rank must run the same forwards: a rank that has run out gets ([filler], False), a stand-in
+    pass whose output is thrown away (SFT, GRPO, rollouts and evaluation all keep ranks in step this one way)."""
+    for i in range(max(at_least, int(all_max(-(-len(seq) // size), device)))):
+        chunk = seq[i * size:(i + 1) * size]
+        yield (chunk, True) if chunk else ([filler], False)
 
 
 def seed_all(*parts):
@@ -101,7 +119,41 @@ def seed_all(*parts):
     return s
 
 
-# ----------------------------------------------------------------------------- 2. model loading
+# ----------------------------------------------------------------------------- 2. results on disk
+
+def write_json(path, obj):
+    """Atomic strict-JSON write: a reader sees the old file or the new one, never a half-written one or a NaN."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+class Log:
+    """Per-step metrics as strict JSON lines (rank 0); remembers the last row for error messages."""
+
+    def __init__(self, path):
+        self.path, self.last = path, {}
+
+    def __call__(self, **row):
+        self.last = row
+        if rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **row}, allow_nan=False) + "\n")
+
+
+class Diverged(Exception):
+    """A loss, gradient norm, reward or logit stopped being a finite number: the run cannot go on."""
+
+
+def check_finite(**values):
+    """Raise Diverged naming every non-finite value (checked before the optimizer steps on it)."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise Diverged("non-finite " + ", ".join(f"{k} = {v}" for k, v in bad.items()))
+
+
+# ----------------------------------------------------------------------------- 3. model loading
 
 class Bundle:
     """A model with its tokenizer and (for a VLM) image processor, and the token ids the code needs."""
@@ -118,35 +170,75 @@ class Bundle:
         self.forbidden = sorted({i for i in ids + [tok.pad_token_id] if i is not None and i != self.eos_id})
         self.image_token = "<|image_pad|>"
         self.path = None  # the folder the current weights were loaded from or last saved to
+        # the checkpoint's own sampling settings (e.g. Qwen2.5's repetition_penalty 1.05) would shape the samples
+        # but not the log-probs the loss uses (off-policy samples): sampling runs on a neutral config, and the
+        # checkpoint's own one is written back into every saved checkpoint
+        from transformers import GenerationConfig
+        self.saved_generation_config = model.generation_config
+        model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                                   bos_token_id=getattr(tok, "bos_token_id", None))
+
+
+def split_model_path(path):
+    """(folder, gguf file name or None): --model takes an HF folder or a single .gguf file."""
+    if path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+def model_config(path):
+    """The model's config without its weights, for checks before any work."""
+    from transformers import AutoConfig
+    folder, gguf = split_model_path(path)
+    if gguf and not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {path}: no such .gguf file")
+    if not gguf and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"--model {path}: not a checkpoint folder (config.json, weights, tokenizer) "
+                                f"or a .gguf file")
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
+
+
+def is_vlm_config(cfg):
+    return getattr(cfg, "vision_config", None) is not None
 
 
 def load_model(path, device, dtype=torch.float32):
-    """Load any HF checkpoint folder. A config with a vision tower is a VLM (tokenizer + image processor);
-    anything else is a text-only causal LM."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, \
-        AutoTokenizer
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path}: not a checkpoint folder (config.json, weights, tokenizer)")
-    cfg = AutoConfig.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    """Load any HF checkpoint folder or .gguf file (dequantised). A config with a vision tower is a VLM (tokenizer
+    + image processor); anything else is a text-only causal LM."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    cfg = model_config(path)
+    folder, gguf = split_model_path(path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
     tok.padding_side = "left"
     if tok.chat_template is None:
         raise ValueError(f"--model {path}: the tokenizer has no chat template; use a chat/instruct checkpoint")
-    if getattr(cfg, "vision_config", None) is not None:
+    if is_vlm_config(cfg):
         # The Qwen2.5-VL processor class needs torchvision (for video) even for images, so the tokenizer and
         # image processor are composed here exactly as the processor does (see `encode`).
-        improc = AutoImageProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        improc = AutoImageProcessor.from_pretrained(folder)
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, **kw)
     else:
         improc = None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    b = Bundle(model.to(device), tok, improc)
-    b.path = path
-    return b
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
+    lm = Bundle(model.to(device), tok, improc)
+    lm.path = path
+    return lm
 
 
-# ----------------------------------------------------------------------------- 3. prompt encoding
+def configure(lm, grad_ckpt=False, min_pixels=None, max_pixels=None):
+    """Apply the memory flags to a loaded bundle: activation checkpointing, and the image processor's pixel bounds
+    (image tokens grow with pixels / 784)."""
+    if grad_ckpt:
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lm.improc is not None and (min_pixels or max_pixels):
+        size = dict(lm.improc.size)
+        size["shortest_edge"] = min_pixels or size["shortest_edge"]
+        size["longest_edge"] = max_pixels or size["longest_edge"]
+        lm.improc.size = type(lm.improc.size)(**size) if not isinstance(lm.improc.size, dict) else size
+
+
+# ----------------------------------------------------------------------------- 4. prompt encoding
 
 def messages(item, fmt):
     """Chat messages of one item: EasyR1's "<image>" placeholders become image entries in the user turn."""
@@ -156,11 +248,12 @@ def messages(item, fmt):
             content.append({"type": "image"})
         if text:
             content.append({"type": "text", "text": text})
-    content.append({"type": "text", "text": FORMAT_INSTRUCTIONS[fmt]}) if FORMAT_INSTRUCTIONS[fmt] else None
+    if FORMAT_INSTRUCTIONS[fmt]:
+        content.append({"type": "text", "text": FORMAT_INSTRUCTIONS[fmt]})
     return [{"role": "user", "content": content}]
 
 
-def encode(b, items, fmt, completions=None):
+def encode(lm, items, fmt, completions=None):
     """Batch of prompts (left-padded) followed by optional completions (lists of token ids, right-padded).
 
     Returns model inputs plus `prompt_len` and `comp_mask` (1 on completion tokens). For a VLM each
@@ -168,44 +261,43 @@ def encode(b, items, fmt, completions=None):
     marks those tokens with 1: transformers computes 3-D M-RoPE positions only when it is given."""
     texts, images = [], []
     for it in items:
-        n_img = it["problem"].count("<image>")
-        if n_img and not b.is_vlm:
+        if it["images"] and not lm.is_vlm:
             raise ValueError(f"{it.get('where', 'a task item')}: has images but the model is text-only")
         msgs = messages(it, fmt)
-        if not b.is_vlm:  # text-only models take plain string content
+        if not lm.is_vlm:  # text-only models take plain string content
             msgs = [{"role": m["role"], "content": "".join(c["text"] for c in m["content"])} for m in msgs]
-        texts.append(b.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        texts.append(lm.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
         images += [(im, it.get("where", "?")) for im in it["images"]]
     out = {}
     if images:
-        out = _pixels(b, images)
-        merge = b.improc.merge_size ** 2
+        out = _pixels(lm, images)
+        merge = lm.improc.merge_size ** 2
         counts = iter((out["image_grid_thw"].prod(-1) // merge).tolist())
-        texts = [_expand_images(t, b.image_token, counts) for t in texts]
-    prompts = [b.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        texts = [_expand_images(t, lm.image_token, counts) for t in texts]
+    prompts = [lm.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     comps = completions if completions is not None else [[] for _ in prompts]
-    lp, lc = max(map(len, prompts)), max(map(len, comps))
-    ids = torch.full((len(prompts), lp + lc), b.pad_id, dtype=torch.long)
+    prompt_len, comp_len = max(map(len, prompts)), max(map(len, comps))
+    ids = torch.full((len(prompts), prompt_len + comp_len), lm.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    comp_mask = torch.zeros((len(prompts), lc), dtype=torch.long)
+    comp_mask = torch.zeros((len(prompts), comp_len), dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, comps)):
-        ids[i, lp - len(p):lp] = torch.tensor(p)
-        ids[i, lp:lp + len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, lp - len(p):lp + len(c)] = 1
+        ids[i, prompt_len - len(p):prompt_len] = torch.tensor(p)
+        ids[i, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, prompt_len - len(p):prompt_len + len(c)] = 1
         comp_mask[i, :len(c)] = 1
     out.update(input_ids=ids, attention_mask=mask)
-    if b.is_vlm:
-        out["mm_token_type_ids"] = (ids == b.model.config.image_token_id).long()
-    return out, lp, comp_mask
+    if lm.is_vlm:
+        out["mm_token_type_ids"] = (ids == lm.model.config.image_token_id).long()
+    return out, prompt_len, comp_mask
 
 
-def _pixels(b, images):
+def _pixels(lm, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
     once: a GRPO batch repeats every prompt's image G times, and the image processor works per image anyway."""
     distinct = {}  # id(entry) -> (position among the distinct images, entry, where)
     for entry, where in images:
         distinct.setdefault(id(entry), (len(distinct), entry, where))
-    vis = b.improc(images=[open_image(e, w) for _, e, w in distinct.values()], return_tensors="pt")
+    vis = lm.improc(images=[open_image(e, w) for _, e, w in distinct.values()], return_tensors="pt")
     grid = vis["image_grid_thw"]
     rows = vis["pixel_values"].split(grid.prod(-1).tolist())
     idx = [distinct[id(entry)][0] for entry, _ in images]
@@ -221,7 +313,23 @@ def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- 4. sampling and log-probs
+def target_ids(lm, answer, fmt):
+    """Token ids SFT teaches: the answer written in the run's format (rewards.answer_text), then end-of-turn."""
+    return lm.tok(answer_text(answer, fmt), add_special_tokens=False)["input_ids"] + [lm.eos_id]
+
+
+def image_tokens(lm, specs):
+    """{task: image tokens of its first test item}, the number that memory grows with."""
+    out = {}
+    for s in specs:
+        it = eval_items(s, 1)[0]
+        if it["images"] and lm.is_vlm:
+            batch, _, _ = encode(lm, [it], "plain")
+            out[task_name(s)] = int(batch["mm_token_type_ids"].sum())
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. sampling and log-probs
 
 def mask_forbidden(logits, forbidden):
     """Logits with the never-sampled tokens at -inf; used by the sampler and by the loss alike."""
@@ -231,35 +339,39 @@ def mask_forbidden(logits, forbidden):
     return logits
 
 
-class _Forbid:  # a transformers LogitsProcessor
+class _Forbid:  # a transformers LogitsProcessor: the loss's mask, and the stop on NaN logits
     def __init__(self, forbidden):
         self.forbidden = forbidden
 
     def __call__(self, input_ids, scores):
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
         return mask_forbidden(scores, self.forbidden)
 
 
 @torch.no_grad()
-def generate(b, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu"):
+def generate(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu"):
     """Sample one completion per item. Returns (list of token-id lists ending at EOS or truncated, truncated flags).
     Under FSDP all ranks must run the same number of forwards: synced_gpus keeps finished ranks stepping."""
     from transformers import LogitsProcessorList
-    batch, lp, _ = encode(b, items, fmt)
+    batch, prompt_len, _ = encode(lm, items, fmt)
     batch = to_device(batch, device)
-    was_training = b.model.training
-    b.model.eval()
+    was_training = lm.model.training
+    lm.model.eval()
+    # plain softmax sampling at `temperature` (what token_logprobs computes); the model's generation_config is
+    # the neutral one Bundle installs, so no repetition penalty or top-k of the checkpoint slips in
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     with autocast(device):
-        out = b.model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=b.eos_id, pad_token_id=b.pad_id,
-                               logits_processor=LogitsProcessorList([_Forbid(b.forbidden)]),
-                               synced_gpus=is_dist(), use_cache=True, **kw)
-    b.model.train(was_training)
+        out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=lm.eos_id,
+                                pad_token_id=lm.pad_id, logits_processor=LogitsProcessorList([_Forbid(lm.forbidden)]),
+                                synced_gpus=is_dist(), use_cache=True, **kw)
+    lm.model.train(was_training)
     if is_dist():
-        b.model.reshard()  # no backward follows to reshard the root; never leave gathered weights to go stale
+        lm.model.reshard()  # no backward follows to reshard the root; never leave gathered weights to go stale
     comps, truncated = [], []
-    for row in out[:, lp:].tolist():
-        if b.eos_id in row:
-            comps.append(row[:row.index(b.eos_id) + 1])
+    for row in out[:, prompt_len:].tolist():
+        if lm.eos_id in row:
+            comps.append(row[:row.index(lm.eos_id) + 1])
             truncated.append(False)
         else:
             comps.append(row)
@@ -267,51 +379,113 @@ def generate(b, items, fmt, max_new_tokens, temperature=1.0, greedy=False, devic
     return comps, truncated
 
 
-def token_logprobs(b, items, fmt, completions, device, temperature=1.0):
+def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     """log pi(token) of every completion token under the current model: [B, Lc], with the completion mask.
     Only the completion positions go through the LM head (logits_to_keep), which keeps real-vocab memory small."""
-    batch, lp, comp_mask = encode(b, items, fmt, completions)
+    batch, prompt_len, comp_mask = encode(lm, items, fmt, completions)
     batch = to_device(batch, device)
-    lc = comp_mask.shape[1]
+    comp_len = comp_mask.shape[1]
     with autocast(device):
-        logits = b.model(**batch, logits_to_keep=lc + 1, use_cache=False).logits[:, :-1].float()
-    logits = mask_forbidden(logits, b.forbidden) / temperature
-    targets = batch["input_ids"][:, lp:]
+        logits = lm.model(**batch, logits_to_keep=comp_len + 1, use_cache=False).logits[:, :-1].float()
+    logits = mask_forbidden(logits, lm.forbidden) / temperature
+    targets = batch["input_ids"][:, prompt_len:]
     logp = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
     comp_mask = comp_mask.to(device)
     # padding targets are forbidden tokens (log p = -inf): zero them, since -inf * 0 would be NaN
     return logp.masked_fill(comp_mask == 0, 0.0), comp_mask
 
 
+def autocast_dtype(device_type, distributed):
+    """bf16 compute on a single GPU; none on CPU, and none under FSDP, whose MixedPrecisionPolicy already casts
+    (autocasting on top would hide the policy's fp32 gradient reduction)."""
+    return torch.bfloat16 if device_type == "cuda" and not distributed else None
+
+
 def autocast(device):
-    """bf16 autocast on GPU when FSDP's mixed precision is not doing it already; nothing on CPU."""
-    on = torch.device(device).type == "cuda" and not is_dist()
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+    dtype = autocast_dtype(torch.device(device).type, is_dist())
+    return torch.autocast("cuda", dtype=dtype, enabled=True) if dtype else torch.autocast("cpu", enabled=False)
 
 
-def decode(b, ids):
-    return b.tok.decode([i for i in ids if i != b.eos_id], skip_special_tokens=False)
+def decode(lm, ids):
+    return lm.tok.decode([i for i in ids if i != lm.eos_id], skip_special_tokens=False)
 
 
-def rollout(b, items, fmt, k, temperature, max_new_tokens, device, batch_size=256):
+def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=256):
     """K sampled completions per item, scored by the item's verifier. One dict per item:
     completions (token ids), texts, scores (rewards.Score), rewards, truncated flags. Generation runs in chunks
-    of whole groups; every rank runs the same number of chunks (FSDP), padding with a dummy chunk if needed."""
+    of whole groups; every rank runs the same number of chunks (FSDP), padding with a stand-in chunk if needed."""
     assert items, "every rank needs at least one item to roll out"
     out = []
     for chunk, real in equal_chunks(items, max(1, batch_size // k), device, items[0]):
-        comps, trunc = generate(b, [it for it in chunk for _ in range(k)], fmt, max_new_tokens, temperature,
+        comps, trunc = generate(lm, [it for it in chunk for _ in range(k)], fmt, max_new_tokens, temperature,
                                 device=device)
         for i, it in enumerate(chunk if real else []):
             cs, ts = comps[i * k:(i + 1) * k], trunc[i * k:(i + 1) * k]
-            texts = [decode(b, x) for x in cs]
-            scores = [score(t, it["answer"], it["kind"], fmt) for t in texts]
-            out.append({"item": it, "completions": cs, "texts": texts, "scores": scores,
-                        "rewards": [s.reward for s in scores], "truncated": ts})
+            texts = [decode(lm, x) for x in cs]
+            scores = [score(t, it["answer"], it["kind"], fmt, it.get("candidates", ())) for t in texts]
+            rewards = [s.reward for s in scores]
+            if not all(map(math.isfinite, rewards)):
+                raise Diverged(f"non-finite reward {rewards}")
+            out.append({"item": it, "completions": cs, "texts": texts, "scores": scores, "rewards": rewards,
+                        "truncated": ts})
     return out
 
 
-# ----------------------------------------------------------------------------- 5. evaluation
+# ----------------------------------------------------------------------------- 6. the reward-variance filter
+
+REWARD_TOL = 1e-6  # rewards closer than this are equal: 0.9*1 + 0.1*1 is not exactly 1.0 in floats
+
+
+def zero_variance(rewards, tol=REWARD_TOL):
+    """True when all K rewards are equal within tol: the group's rewards cannot rank its samples."""
+    return max(rewards) - min(rewards) <= tol
+
+
+def pass_rate(correct):
+    """Fraction of the K rollouts that are entirely correct."""
+    return sum(bool(c) for c in correct) / len(correct)
+
+
+def keep(mode, rewards, correct, low=0.0, high=1.0, tol=REWARD_TOL):
+    """Whether an instance with these K rollouts is kept under a filter mode:
+      incompetent     drop instances whose K rollouts are all wrong (pass rate 0)
+      zero_variance   drop every instance whose K rewards are equal (all wrong or all right): no GRPO gradient
+      pass_rate       keep low < pass rate < high (open-r1's offline filter)"""
+    if mode == "none":
+        return True
+    if mode == "incompetent":
+        return pass_rate(correct) > 0
+    if mode == "zero_variance":
+        return not zero_variance(rewards, tol)
+    if mode == "pass_rate":
+        return low + tol < pass_rate(correct) < high - tol
+    raise ValueError(f"unknown filter mode {mode!r}")
+
+
+def pass_count_histogram(correct_counts, k):
+    """How many instances had 0, 1, ..., K correct rollouts (K + 1 bins: 7/8 and 8/8 are different instances)."""
+    counts = [0] * (k + 1)
+    for c in correct_counts:
+        counts[c] += 1
+    return counts
+
+
+def filter_items(lm, items, mode, fmt, k, temperature, max_new_tokens, device, gen_batch=256, low=0.0, high=1.0):
+    """Roll out this rank's items K times; return (a keep flag per item, stats summed over ranks, the rollout
+    table)."""
+    t0 = time.time()
+    table = rollout(lm, items, fmt, k, temperature, max_new_tokens, device, gen_batch)
+    flags = [keep(mode, row["rewards"], [s.correct for s in row["scores"]], low, high) for row in table]
+    n_correct = [sum(s.correct for s in row["scores"]) for row in table]
+    tokens = sum(len(c) for row in table for c in row["completions"])
+    n, n_kept, tokens, *hist = all_sum([len(items), sum(flags), tokens] + pass_count_histogram(n_correct, k), device)
+    stats = {"mode": mode, "k": k, "instances": int(n), "kept": int(n_kept), "kept_fraction": n_kept / n,
+             "correct_rollouts_histogram": [int(h) for h in hist], "rollout_tokens": int(tokens),
+             "rollout_seconds": round(time.time() - t0, 2)}
+    return flags, stats, table
+
+
+# ----------------------------------------------------------------------------- 7. evaluation
 
 _EVAL_CACHE = {}
 
@@ -323,42 +497,46 @@ def eval_items(spec, n, split="test"):
 
 
 def max_tokens(fmt, plain=16):
-    return plain if fmt == "plain" else 512
+    """Greedy evaluation's completion budget: a bare answer is short; free text and reasoning are not."""
+    return {"plain": plain, "free": 64}.get(fmt, 512)
 
 
 @torch.no_grad()
-def evaluate_task(b, items, fmt, device, batch_size=256, desc=None):
+def evaluate_task(lm, items, fmt, device, batch_size=256, desc=None):
     """Greedy accuracy (and mean reward) on a list of items; items are split over ranks, counts summed."""
     correct = rew = 0.0
     chunks = list(equal_chunks(items[rank()::world()], batch_size, device, items[0]))  # a list: tqdm shows the total
     for chunk, real in tqdm(chunks, desc=desc, disable=rank() != 0 or desc is None, leave=False):
-        comps, _ = generate(b, chunk, fmt, max_tokens(fmt), greedy=True, device=device)
+        comps, _ = generate(lm, chunk, fmt, max_tokens(fmt), greedy=True, device=device)
         for it, c in zip(chunk if real else [], comps):
-            s = score(decode(b, c), it["answer"], it["kind"], fmt)
+            s = score(decode(lm, c), it["answer"], it["kind"], fmt, it.get("candidates", ()))
             correct += s.correct
             rew += s.reward
     correct, rew = all_sum([correct, rew], device)
     return correct / len(items), rew / len(items)
 
 
-def evaluate_all(b, specs, fmt, device, n, batch_size=256, split="test"):
+def evaluate_all(lm, specs, fmt, device, n, batch_size=256, split="test"):
     """{task name: accuracy} over task specs (n items each of the test split, or of val when tuning)."""
     acc = {}
     for spec in specs:
         items = eval_items(spec, n, split)
-        if not b.is_vlm and any(it["images"] for it in items):
+        if not lm.is_vlm and any(it["images"] for it in items):
             acc[task_name(spec)] = None  # an image task cannot be asked of a text-only model
             continue
-        acc[task_name(spec)], _ = evaluate_task(b, items, fmt, device, batch_size, desc=f"eval {task_name(spec)}")
+        acc[task_name(spec)], _ = evaluate_task(lm, items, fmt, device, batch_size, desc=f"eval {task_name(spec)}")
     return acc
 
 
-# ----------------------------------------------------------------------------- 6. FSDP2 and checkpoints
+# ----------------------------------------------------------------------------- 8. FSDP2 and checkpoints
 
 def shard_model(model, device):
     """FSDP2: fully_shard every transformer block (text decoder layers and vision blocks, named by the model's
     own _no_split_modules), then the root. On GPU params are bf16 for compute, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # transformers splits the vision tower's output per image (torch.split: views) and only concatenates them, out
+    # of place, so FSDP2's warning about in-place ops on returned views does not apply
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if torch.device(device).type == "cuda" else MixedPrecisionPolicy()
     blocks = set(getattr(model, "_no_split_modules", None) or [])
@@ -386,82 +564,45 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(b, path):
-    """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written)."""
-    sd = full_state_dict(b.model)
+def save_checkpoint(lm, path):
+    """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written).
+    It carries the checkpoint's own generation_config, not the neutral one sampling uses."""
+    sd = full_state_dict(lm.model)
     if rank() == 0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        b.model.save_pretrained(tmp, state_dict=sd)
-        b.tok.save_pretrained(tmp)
-        if b.improc is not None:
-            b.improc.save_pretrained(tmp)
+        neutral, lm.model.generation_config = lm.model.generation_config, lm.saved_generation_config
+        try:
+            lm.model.save_pretrained(tmp, state_dict=sd)
+        finally:
+            lm.model.generation_config = neutral
+        lm.tok.save_pretrained(tmp)
+        if lm.improc is not None:
+            lm.improc.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     if is_dist():
         dist.barrier()
 
 
-def write_json(path, obj):
-    """Atomic write: a reader sees the old file or the new one, never a half-written one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def peak_memory(device):
+    """Peak memory so far: GPU allocator peak on CUDA, the process's max resident set on CPU (GiB)."""
+    if torch.device(device).type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    import resource
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
-class Log:
-    """Per-step metrics as JSON lines (rank 0)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, **row):
-        if rank() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
-
-
-# ----------------------------------------------------------------------------- 7. the continual post-training loop
-
-class Stream:
-    """An endless, seeded stream of training items from one or more task specs (several = multi-task).
-    Built-in tasks draw fresh items; JSONL tasks are shuffled and cycled."""
-
-    def __init__(self, specs, seed, data=None):
-        self.rng = random.Random(f"stream/{seed}/{specs}")
-        self.specs = list(specs)
-        self.cursor = {s: self.rng.randrange(10_000_000) if s in BUILTIN else 0 for s in self.specs}
-        self.data = data or {s: None if s in BUILTIN else load_split(s, "train") for s in self.specs}
-        for s, items in self.data.items():
-            if items is not None:
-                self.rng.shuffle(items)
-
-    @classmethod
-    def from_items(cls, items, seed):
-        """A stream that cycles through a fixed list of items (e.g. the instances a filter kept)."""
-        return cls(["pool"], seed, {"pool": list(items)})
-
-    def next(self, n):
-        out = []
-        for _ in range(n):
-            s = self.rng.choice(self.specs)
-            if self.data[s] is None:
-                out += load_split(s, "train", 1, self.cursor[s])
-            else:
-                out.append(self.data[s][self.cursor[s] % len(self.data[s])])
-            self.cursor[s] += 1
-        return out
-
+# ----------------------------------------------------------------------------- 9. the continual post-training loop
 
 def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     """Flags both training scripts share, grouped by topic; the defaults that differ are the script's."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint folder (default: the shipped tiny base)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint folder or .gguf file (default: the tiny base)")
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE, help="CPT sequence: built-in names or JSONL files")
     g.add_argument("--general", nargs="*", default=DEFAULT_GENERAL, help="held-out tasks evaluated after every stage")
     g.add_argument("--multitask", action="store_true", help="train once on the union of --tasks (the upper bound)")
-    g.add_argument("--format", default="plain", choices=["plain", "boxed", "tags"], help="answer format")
+    g.add_argument("--format", default="plain", choices=FORMATS, help="answer format (free: read from free text)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (default: runs/<script>)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
@@ -484,95 +625,132 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     return p
 
 
-def configure(b, args):
-    """Apply the memory flags to a loaded bundle."""
-    if getattr(args, "grad_ckpt", False):
-        b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if b.improc is not None and (getattr(args, "min_pixels", None) or getattr(args, "max_pixels", None)):
-        size = dict(b.improc.size)
-        size["shortest_edge"] = args.min_pixels or size["shortest_edge"]
-        size["longest_edge"] = args.max_pixels or size["longest_edge"]
-        b.improc.size = type(b.improc.size)(**size) if not isinstance(b.improc.size, dict) else size
+def input_errors(args, positive=(), at_least_two=()):
+    """Every problem with the flags and the task files, as messages, found before a model is loaded or anything is
+    written: numbers out of range, a task named twice, a task file with a bad line (file:line) or too few lines to
+    hold out items, an image task for a text-only model. `positive` / `at_least_two`: the script's own flags."""
+    errors = []
+    for name in ("steps", "batch_size", "micro_batch", "eval_n", "eval_batch") + tuple(positive):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
+    for name in at_least_two:
+        if getattr(args, name) < 2:
+            errors.append(f"--{name} {getattr(args, name)}: must be at least 2 (a group of one has no baseline to "
+                          f"compare with, so its advantage is 0/0)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        errors.append(f"--lr {args.lr}: must be a positive number")
+    w = planned_world()
+    if args.batch_size >= 1 and args.batch_size % w:
+        errors.append(f"--batch_size {args.batch_size}: must be divisible by the number of processes ({w}); "
+                      f"try {max(w, args.batch_size // w * w)}")
+    names = [task_name(t) for t in list(args.tasks) + list(args.general)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        errors.append(f"task(s) {', '.join(twice)} given more than once in --tasks / --general: each column is one "
+                      f"task, and a general task must not be trained on")
+    try:
+        vlm = is_vlm_config(model_config(args.model))
+    except (OSError, ValueError) as e:
+        return errors + [str(e)]
+    with_images = set()
+    for spec in list(args.tasks) + list(args.general):
+        try:
+            for split in ("train", "val", "test"):
+                items = load_split(spec, split, 1 if spec in BUILTIN else None)
+                if not vlm and spec in args.tasks and any(it["images"] for it in items):
+                    raise DataError(f"{items[0].get('where', spec)}: has images but {args.model} is a text-only model")
+                with_images |= {(spec, bool(it["images"])) for it in items}
+        except DataError as e:
+            errors.append(str(e))
+    # under FSDP every rank runs the same units: a rank training on text while another trains on images would run
+    # the vision tower alone and hang; a training stage must be all-image or all-text (evaluation goes task by task)
+    stages = [list(args.tasks)] if args.multitask else [[t] for t in args.tasks]
+    for stage in stages:
+        kinds = {has for spec, has in with_images if spec in stage}
+        if w > 1 and vlm and len(kinds) > 1:
+            errors.append(f"under torchrun a training stage cannot mix image and text-only items ({', '.join(stage)})")
+    return errors
 
 
-def image_tokens(b, specs):
-    """{task: image tokens of its first test item}, the number that memory grows with."""
-    out = {}
-    for s in specs:
-        it = eval_items(s, 1)[0]
-        if it["images"] and b.is_vlm:
-            batch, _, _ = encode(b, [it], "plain")
-            out[task_name(s)] = int(batch["mm_token_type_ids"].sum())
-    return out
-
-
-def peak_memory(device):
-    """Peak memory so far: GPU allocator peak on CUDA, the process's max resident set on CPU (GiB)."""
-    if torch.device(device).type == "cuda":
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    import resource
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+def refuse(errors):
+    """Stop before any work with every problem listed (exit status 2, as argparse's own errors)."""
+    if errors:
+        raise SystemExit("error: cannot start:\n  " + "\n  ".join(errors))
 
 
 def run_cpt(args, script, train_stage):
     """The sequential training-and-evaluation loop.
 
     Row "base" is the starting model; then for each task in --tasks (or once, on all of them, with --multitask)
-    train_stage(b, specs, stage, log) trains the model in place, everything is evaluated again, the model is saved
+    train_stage(lm, specs, stage, log) trains the model in place, everything is evaluated again, the model is saved
     to OUT/stage-K and the new row is appended to OUT/results.json. Rerunning the same command resumes after the
-    last stage that results.json records."""
-    rank_, world_, device = init_dist()
+    last stage that results.json records. A stage that diverges stops the run; the finished stages stay."""
     out = args.out or os.path.join("runs", script)
-    os.makedirs(out, exist_ok=True)
     stages = [("multitask", list(args.tasks))] if args.multitask else [(task_name(t), [t]) for t in args.tasks]
     columns = [task_name(t) for t in args.tasks] + [task_name(g) for g in args.general]
     config = {k: v for k, v in sorted(vars(args).items())
               if k not in ("out", "eval_batch", "keep_stages", "grad_ckpt", "micro_batch", "gen_batch")}
-    config.update(script=script, world=world_)
+    config.update(script=script)
     res_path = os.path.join(out, "results.json")
     res = {"columns": columns, "rows": [], "acc": [], "config": config, "stage_seconds": []}
     if os.path.exists(res_path):
         with open(res_path) as f:
             old = json.load(f)
-        if {k: v for k, v in old["config"].items() if k != "world"} != {k: v for k, v in config.items() if k != "world"}:
-            raise SystemExit(f"{res_path} was written by a different command; use another --out or delete it")
+        differ = sorted(k for k in set(old["config"]) | set(config) if k != "world" and
+                        old["config"].get(k) != config.get(k))
+        if differ:
+            raise SystemExit(f"error: {res_path} was written by a different command; it differs in " + "; ".join(
+                f"--{k}: {old['config'].get(k)!r} there, {config.get(k)!r} now" for k in differ) +
+                ". Use another --out, or delete the folder to start again")
         res = old
+    rank_, world_, device = init_dist()
+    config["world"] = world_
     done = max(len(res["rows"]) - 1, 0)
     start = os.path.join(out, f"stage-{done}") if done else args.model
     print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns)}; world size {world_}; device {device}; "
            f"{'resuming after stage ' + str(done) + ' from ' + start if done else 'starting from ' + args.model}")
-    b = load_model(start, device)
-    configure(b, args)
+    lm = load_model(start, device)
+    configure(lm, args.grad_ckpt, args.min_pixels, args.max_pixels)
     specs = list(args.tasks) + list(args.general)
-    if b.is_vlm:
-        print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(b, specs).items()))
+    if lm.is_vlm:
+        print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(lm, specs).items()))
     if is_dist():
-        shard_model(b.model, device)
-    log = Log(os.path.join(out, "log.jsonl"))
-    if rank_ == 0:  # keep only the finished stages' lines: a killed stage is rerun from its start
-        keep = [x for x in open(log.path)] if os.path.exists(log.path) and done else []
-        with open(log.path, "w") as f:
-            f.writelines(x for x in keep if json.loads(x).get("stage", 0) <= done)
+        shard_model(lm.model, device)
     if not res["rows"]:
         seed_all(args.seed, "eval")
-        acc = cached_base_row(args.model, specs, args, lambda: evaluate_all(
-            b, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split))
+        acc = cached_base_row(args.model, specs, args, str(device), lambda: evaluate_all(
+            lm, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split))
         res["rows"].append("base")
         res["acc"].append([acc[c] for c in columns])
-        if rank_ == 0:
-            write_json(res_path, res)
         print0(format_row("base", acc, columns))
+    if rank_ == 0:  # the folder appears only once there is something to keep in it
+        os.makedirs(out, exist_ok=True)
+        write_json(res_path, res)
+    log = Log(os.path.join(out, "log.jsonl"))
+    if rank_ == 0:  # keep only the finished stages' lines: a killed stage is rerun from its start
+        keep_lines = [x for x in open(log.path)] if os.path.exists(log.path) and done else []
+        with open(log.path, "w") as f:
+            f.writelines(x for x in keep_lines if json.loads(x).get("stage", 0) <= done)
     for k, (name, stage_specs) in enumerate(stages, 1):
         if k <= done:
             continue
         t0 = time.time()
         seed_all(args.seed, k, name)
-        train_stage(b, stage_specs, k, log)
+        try:
+            train_stage(lm, stage_specs, k, log)
+        except Diverged as e:
+            step = log.last.get("step") if log.last.get("stage") == k else None
+            raise SystemExit(
+                f"error: stage {k} ({name}) diverged {'after step ' + str(step) if step is not None else 'in its first step'}"
+                f": {e}. The likely cause is a learning rate too high for this model (--lr {args.lr}). "
+                f"{res_path} keeps the {k - 1} finished stage(s)" + (f" and {os.path.join(out, f'stage-{k - 1}')}"
+                                                                     if k > 1 else "") +
+                "; rerun with a smaller --lr in a new --out.") from None
         train_s = time.time() - t0
         seed_all(args.seed, "eval")
-        acc = evaluate_all(b, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split)
-        save_checkpoint(b, os.path.join(out, f"stage-{k}"))
-        b.path = os.path.join(out, f"stage-{k}")
+        acc = evaluate_all(lm, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split)
+        save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
+        lm.path = os.path.join(out, f"stage-{k}")
         res["rows"].append(name)
         res["acc"].append([acc[c] for c in columns])
         res["stage_seconds"].append(round(train_s, 2))
@@ -586,20 +764,25 @@ def run_cpt(args, script, train_stage):
     return res
 
 
-def cached_base_row(model, specs, args, compute):
+def cached_base_row(model, specs, args, device, compute):
     """The base row is a greedy (deterministic) evaluation of the same starting model in every run of a
-    comparison: compute it once per (model files, tasks, n, format, split) and keep it in runs/.cache/."""
-    files = sorted((f, os.path.getsize(os.path.join(model, f)), os.path.getmtime(os.path.join(model, f)))
-                   for f in os.listdir(model))
-    key = hashlib.sha256(repr((os.path.abspath(model), files, specs, args.eval_n, args.format,
-                               args.eval_split, world())).encode()).hexdigest()[:16]
-    path = os.path.join("runs", ".cache", f"base-{key}.json")
+    comparison: compute it once per (model files, tasks, n, format, split, world, device, library versions) and
+    keep it in CACHE_DIR."""
+    import transformers
+    folder, gguf = split_model_path(model)
+    names = [gguf] if gguf else os.listdir(folder)
+    files = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
+                   for f in names)
+    key = hashlib.sha256(repr((os.path.abspath(model), files, specs, args.eval_n, args.format, args.eval_split,
+                               world(), torch.device(device).type, str(torch.get_default_dtype()),
+                               torch.__version__, transformers.__version__)).encode()).hexdigest()[:16]
+    path = os.path.join(CACHE_DIR, f"base-{key}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     acc = compute()
     if rank() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(CACHE_DIR, exist_ok=True)
         write_json(path, acc)
     return acc
 

@@ -35,8 +35,39 @@ else
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
 fi
+echo "compare.sh: ${#jobs[@]} runs, two at a time; each run's output goes to $OUT/<run>.log"
+# progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left
+progress() {
+  python3 - "$OUT" "$start" "${jobs[@]}" <<'PY'
+import json, os, sys, time
+out, start, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+done = total = 0
+running = []
+for j in jobs:
+    d = j.split("--out ")[-1].split()[0]
+    want = 2 if "--multitask" in j else 5  # base row + stages (until results.json says: 4 tasks by default)
+    try:
+        res = json.load(open(os.path.join(d, "results.json")))
+        rows = len(res["rows"])
+        want = 2 if res["config"]["multitask"] else len(res["config"]["tasks"]) + 1
+    except (OSError, ValueError, KeyError):
+        rows = 0
+    done, total = done + rows, total + want
+    if 0 < rows < want or (rows == 0 and os.path.exists(d + ".log")):
+        running.append(f"{os.path.basename(d)} {max(rows - 1, 0)}/{want - 1} stages")
+el = time.time() - start
+eta = f"~{el * (total - done) / done:.0f} s left" if done else "estimating"
+print(f"  [{el:4.0f} s] {done}/{total} rows written; running: {', '.join(running) or '-'}; {eta}", flush=True)
+PY
+}
+( while sleep 30; do progress; done ) &
+monitor=$!
+trap 'kill $monitor 2>/dev/null || true' EXIT
 printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 -I{} sh -c \
-  'python3 {} '"${EXTRA[*]:-}"' > "$(echo {} | sed "s/.*--out //").log" 2>&1 || { echo "failed: {}"; exit 255; }'
+  'log="$(echo {} | sed "s/.*--out //").log"; t0=$(date +%s); echo "  start: {}";
+   python3 {} '"${EXTRA[*]:-}"' > "$log" 2>&1 || { echo "failed: {} (see $log)"; tail -5 "$log"; exit 255; };
+   echo "  done:  {} ($(( $(date +%s) - t0 )) s)"'
+kill $monitor 2>/dev/null || true
 echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
 if [ "$MODE" = sweep ]; then
   python3 evaluate.py "$OUT"/sft-lr*/ "$OUT"/rft-lr*/ --report "$OUT/report" --frontier

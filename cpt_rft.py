@@ -10,9 +10,13 @@ The model learns the tasks one after another, with no replay. One GRPO step on a
                rho_t = pi(y_t) / pi_old(y_t), k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen start model,
                aggregated by --loss_agg with normalisers counted over the *global* batch (all micro-batches and
                ranks), so accumulation and world size do not change the gradient.
-A group whose rewards are all equal has A = 0: it teaches nothing (P1's "selective update"). Without the KL term
-its sequences are not even run through the model (they would add exactly zero) but still count in the normaliser;
---skip_zero_var drops such groups from the normaliser too, --rif MODE drops such instances before the stage.
+A group whose advantages are all 0 teaches nothing (P1's "selective update"): under grpo and rloo a group whose
+rewards are all equal, under remax one whose rewards all equal the greedy baseline (an all-correct group with a
+wrong greedy answer does teach). Without the KL term such groups are not even run through the model (they would
+add exactly zero) but still count in the normaliser; --skip_zero_var drops them from the normaliser too, and a step
+whose every group is silent takes no optimizer step at all (AdamW's momentum and weight decay would still move the
+weights). --rif MODE drops zero-variance instances before the stage (common.filter_items, as filter.py does).
+A non-finite reward, loss, gradient norm or logit stops the run before the optimizer steps on it.
 After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
 
     python cpt_rft.py                                 # the tiny default, a few minutes on 2 CPU cores
@@ -30,9 +34,8 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import Stream
 from data.rewards import score
-from filter import filter_items, zero_variance
+from data.tasks import Stream
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
 STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
@@ -42,7 +45,7 @@ STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
 
 def group_advantages(rewards, estimator="grpo", baseline=None, eps=ADV_EPS):
     """Advantages for rewards of shape [groups, G]. `baseline` [groups] is the greedy reward (remax only).
-    An all-equal group gets exactly 0 under every estimator."""
+    An all-equal group gets 0 under grpo and rloo; under remax only when its rewards equal the baseline."""
     if estimator == "grpo":
         mean = rewards.mean(1, keepdim=True)
         std = rewards.std(1, keepdim=True, correction=STD_CORRECTION)
@@ -53,6 +56,14 @@ def group_advantages(rewards, estimator="grpo", baseline=None, eps=ADV_EPS):
     if estimator == "remax":
         return rewards - baseline.unsqueeze(1)
     raise ValueError(f"unknown advantage estimator {estimator!r}")
+
+
+def silent_groups(rewards, estimator="grpo", baseline=None, tol=common.REWARD_TOL):
+    """[groups] bool: the groups whose advantages are all 0, so that they teach nothing. grpo / rloo: the rewards
+    are all equal (within tol); remax: every reward equals the greedy baseline (within tol)."""
+    if estimator == "remax":
+        return (rewards - baseline.unsqueeze(1)).abs().amax(1) <= tol
+    return (rewards.amax(1) - rewards.amin(1)) <= tol
 
 
 def clipped_token_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.3):
@@ -87,109 +98,111 @@ def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
 
 # ----------------------------------------------------------------------------- one GRPO step
 
-def grpo_step(b, ref, opt, items, args, device, probe=None):
+def grpo_step(lm, ref, opt, items, args, device, probe=None):
     """Rollout, advantages and the update on this rank's prompts; returns the step's metrics."""
     t0 = time.time()
-    table = common.rollout(b, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
+    table = common.rollout(lm, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
                            args.gen_batch)
     rewards = torch.tensor([row["rewards"] for row in table], dtype=torch.float32)
     baseline = None
     if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
-        greedy, _ = common.generate(b, items, args.format, args.max_new_tokens, greedy=True, device=device)
-        baseline = torch.tensor([score(common.decode(b, c), it["answer"], it["kind"], args.format).reward
-                                 for c, it in zip(greedy, items)])
-    adv = group_advantages(rewards, args.adv, baseline)
-    zero = [zero_variance(row["rewards"]) for row in table]
+        greedy, _ = common.generate(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
+        baseline = torch.tensor([score(common.decode(lm, c), it["answer"], it["kind"], args.format,
+                                       it.get("candidates", ())).reward for c, it in zip(greedy, items)])
+    silent = silent_groups(rewards, args.adv, baseline)
+    adv = group_advantages(rewards, args.adv, baseline).masked_fill(silent.unsqueeze(1), 0.0)
     t_roll = time.time() - t0
     gen_tok = sum(len(c) for row in table for c in row["completions"])
-    r_sum, n_groups, n_zero, n_correct, n_trunc, gen_tok, var_sum = common.all_sum(
-        [rewards.mean().item() * len(table), len(table), sum(zero),
-         sum(s.correct for row in table for s in row["scores"]), sum(t for row in table for t in row["truncated"]),
-         gen_tok, rewards.var(1, correction=0).mean().item() * len(table)], device)
+    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, gen_tok, var_sum = common.all_sum(
+        [rewards.sum().item() / args.group, len(table), sum(common.zero_variance(row["rewards"]) for row in table),
+         int(silent.sum()), sum(s.correct for row in table for s in row["scores"]),
+         sum(t for row in table for t in row["truncated"]), gen_tok,
+         rewards.var(1, correction=0).sum().item()], device)
     n_samples = n_groups * args.group
 
-    # flatten groups into (item, completion, advantage); --skip_zero_var drops the groups that carry no signal.
-    # Without the KL term a zero-variance group adds exactly nothing to the gradient (A = 0), so its sequences are
-    # not run through the model, but they still count in the loss normaliser: the gradient is the full batch's.
-    seqs, idle = [], [0, 0]  # idle: tokens and sequences of the groups that stay in the normaliser only
-    for row, advs, z in zip(table, adv, zero):
-        if z and args.skip_zero_var:
+    # flatten groups into (item, completion, advantage); --skip_zero_var drops the silent groups. Without the KL
+    # term a silent group adds exactly nothing to the gradient (A = 0), so its sequences are not run through the
+    # model, but they still count in the loss normaliser: the gradient is the full batch's.
+    seqs, silent_tokens, silent_seqs = [], 0, 0
+    for row, advs, quiet in zip(table, adv, silent.tolist()):
+        if quiet and args.skip_zero_var:
             continue
-        if z and args.kl_coef == 0:
-            idle[0] += sum(len(c) for c in row["completions"])
-            idle[1] += len(row["completions"])
+        if quiet and args.kl_coef == 0:
+            silent_tokens += sum(len(c) for c in row["completions"])
+            silent_seqs += len(row["completions"])
             continue
         seqs += [(row["item"], c, float(a)) for c, a in zip(row["completions"], advs)]
     t1 = time.time()
-    upd = grpo_update(b, ref, opt, seqs, args, device, fallback_item=items[0], idle=idle)
-    m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero / n_groups,
-         "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples, "reward_var": var_sum / n_groups,
-         **upd, "rollout_s": round(t_roll, 3), "update_s": round(time.time() - t1, 3),
-         "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1)}
+    update = grpo_update(lm, ref, opt, seqs, args, device, filler=items[0],
+                         normaliser_extra=(silent_tokens, silent_seqs))
+    m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero_var / n_groups,
+         "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples,
+         "reward_var": var_sum / n_groups, **update, "rollout_s": round(t_roll, 3),
+         "update_s": round(time.time() - t1, 3), "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1)}
+    common.check_finite(reward=m["reward"])
     if probe is not None:
         m["general_ll_delta"] = probe()
     return m
 
 
-def grpo_update(b, ref, opt, seqs, args, device, fallback_item=None, idle=(0, 0)):
-    """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples; `idle` (tokens,
-    sequences) are zero-advantage sequences left out of the forward but counted in the normalisers.
-    The loss normalisers are counted over all ranks, and every rank runs the same number of forwards (FSDP)."""
-    n_tokens, n_seqs = common.all_sum([sum(len(c) for _, c, _ in seqs) + idle[0], len(seqs) + idle[1]], device)
-    if n_seqs == 0:
-        return {"grad_norm": 0.0, "updated_seqs": 0, "kl": 0.0}
-    mbs = [seqs[i:i + args.micro_batch] for i in range(0, len(seqs), args.micro_batch)]
-    # at least one (stand-in) pass: a batch of only zero-advantage groups still takes its (zero-gradient) Adam step
-    n_mb = max(1, int(common.all_max(len(mbs), device)))
-    # a rank with fewer micro-batches runs weight-0 passes on a stand-in sequence
-    dummy = [[mbs[0][0] if mbs else (fallback_item, [b.eos_id], 0.0)]]
-    old = ref_lp = [None] * n_mb
+def grpo_update(lm, ref, opt, seqs, args, device, filler=None, normaliser_extra=(0, 0)):
+    """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples.
+    `normaliser_extra` (tokens, sequences) are silent sequences left out of the forward but counted in the loss
+    normalisers, which are counted over all ranks. When no rank has a sequence to train on, no step is taken."""
+    n_tokens, n_seqs = common.all_sum([sum(len(c) for _, c, _ in seqs) + normaliser_extra[0],
+                                       len(seqs) + normaliser_extra[1]], device)
+    n_trained = common.all_sum([len(seqs)], device)[0]
+    if n_trained == 0:
+        return {"grad_norm": 0.0, "trained_seqs": 0, "kl": 0.0, "skipped_step": True}
+    stand_in = seqs[0] if seqs else (filler, [lm.eos_id], 0.0)
+    micro_batches = list(common.equal_chunks(seqs, args.micro_batch, device, stand_in))
+    old = ref_logp = [None] * len(micro_batches)
     with torch.no_grad():
         if args.ppo_epochs > 1:
-            old = [_logp(b, mbs, dummy, j, args, device)[0] for j in range(n_mb)]
+            old = [_logp(lm, mb, args, device)[0] for mb, _ in micro_batches]
         if ref is not None:
-            ref_lp = [_logp(ref, mbs, dummy, j, args, device)[0] for j in range(n_mb)]
+            ref_logp = [_logp(ref, mb, args, device)[0] for mb, _ in micro_batches]
     norm, kl_sum = 0.0, 0.0
     for _ in range(args.ppo_epochs):
-        for j in range(n_mb):
-            logp, mask, advs, real = _logp(b, mbs, dummy, j, args, device)
+        loss_sum = 0.0
+        for j, (mb, real) in enumerate(micro_batches):
+            logp, mask, advs = _logp(lm, mb, args, device)
             # one epoch on-policy: pi_old is the current model, so rho = 1 and only its gradient matters
             old_j = old[j] if old[j] is not None else logp.detach()
             tok = clipped_token_loss(logp, old_j, advs, args.clip_low, args.clip_high)
-            if ref_lp[j] is not None:
-                kl = k3_kl(logp, ref_lp[j])
+            if ref_logp[j] is not None:
+                kl = k3_kl(logp, ref_logp[j])
                 tok = tok + args.kl_coef * kl
                 kl_sum += real * (kl * mask).sum().item()
             loss = aggregate(tok, mask, args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
             (loss * common.world() * real).backward()  # FSDP averages over ranks; `real` zeroes stand-in passes
-        norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), args.grad_clip)
+            loss_sum += real * loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), args.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        common.check_finite(loss=common.all_sum([loss_sum], device)[0], grad_norm=norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"grad_norm": norm, "updated_seqs": int(n_seqs),
+    return {"grad_norm": norm, "trained_seqs": int(n_trained), "skipped_step": False,
             "kl": common.all_sum([kl_sum], device)[0] / n_tokens / args.ppo_epochs}
 
 
-def _logp(model_bundle, mbs, dummy, j, args, device):
-    """log-probs of micro-batch j (the dummy, weight-0 pass when this rank has fewer micro-batches)."""
-    real = 1.0 if j < len(mbs) else 0.0
-    mb = mbs[j] if j < len(mbs) else dummy[0]
-    logp, mask = common.token_logprobs(model_bundle, [s[0] for s in mb], args.format, [s[1] for s in mb], device,
-                                       args.temperature)
-    return logp, mask, torch.tensor([s[2] for s in mb], device=device), real
+def _logp(lm, micro_batch, args, device):
+    """Per-token log-probs, completion mask and advantages of a micro-batch of (item, completion, advantage)."""
+    logp, mask = common.token_logprobs(lm, [s[0] for s in micro_batch], args.format, [s[1] for s in micro_batch],
+                                       device, args.temperature)
+    return logp, mask, torch.tensor([s[2] for s in micro_batch], device=device)
 
 
-def general_probe(b, specs, n, fmt, device):
+def general_probe(lm, specs, n, fmt, device):
     """A closure measuring the change of the mean log-likelihood of the general tasks' gold answers since its last
     call: P1's interference of an update with prior knowledge, made visible per step."""
-    from cpt_sft import sft_target
-    items = [it for s in specs for it in common.eval_items(s, n, "val") if b.is_vlm or not it["images"]]
-    targets = [sft_target(b, it["answer"], fmt) for it in items]
+    items = [it for s in specs for it in common.eval_items(s, n, "val") if lm.is_vlm or not it["images"]]
+    targets = [common.target_ids(lm, it["answer"], fmt) for it in items]
     last = [None]
 
     def probe():
         with torch.no_grad():
-            logp, mask = common.token_logprobs(b, items, fmt, targets, device)
+            logp, mask = common.token_logprobs(lm, items, fmt, targets, device)
             ll = ((logp * mask).sum(1)).mean().item()
         delta = 0.0 if last[0] is None else ll - last[0]
         last[0] = ll
@@ -222,37 +235,48 @@ def main(argv=None):
     g.add_argument("--probe_general", type=int, default=0, help="general items per task for the per-step "
                                                                   "log-likelihood probe (0: off)")
     args = p.parse_args(argv)
+    common.refuse(common.input_errors(args, positive=("max_new_tokens", "gen_batch", "ppo_epochs", "rif_k"),
+                                      at_least_two=("group",)))
 
-    def train_stage(b, specs, stage, log):
-        device = next(b.model.parameters()).device
+    def train_stage(lm, specs, stage, log):
+        device = next(lm.model.parameters()).device
         ref = None
         if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
-            ref = common.load_model(b.path, device)  # b.path: the checkpoint this stage starts from
+            ref = common.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
             ref.model.requires_grad_(False).eval()
             if common.is_dist():
                 common.shard_model(ref.model, device)
-        opt = torch.optim.AdamW(b.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        per_rank = args.batch_size // common.world()
+        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
         stream, steps = Stream(specs, (args.seed, stage)), args.steps * len(specs)
         if args.rif != "none":
-            pool = stream.next(steps * args.batch_size)[common.rank()::common.world()]
-            fargs = argparse.Namespace(format=args.format, k=args.rif_k, temperature=args.temperature,
-                                       max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch)
-            kept, stats, _ = filter_items(b, pool, args.rif, fargs, device)
-            common.print0(f"  rif {args.rif}: kept {stats['kept']}/{stats['instances']} "
-                          f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
-            log(stage=stage, rif=stats)
-            # the same number of passes over the kept instances: fewer steps, which is RIF's saving
-            steps = max(1, math.ceil(steps * stats["kept_fraction"]))
-            stream = Stream.from_items(kept or pool, (args.seed, stage))
-        probe = general_probe(b, args.general, args.probe_general, args.format, device) if args.probe_general else None
-        b.model.train()
+            stream, steps = rif_stream(lm, stream, steps, stage, log, device)
+        probe = general_probe(lm, args.general, args.probe_general, args.format, device) if args.probe_general else None
+        lm.model.train()
         for step in tqdm(range(steps), desc=f"grpo stage {stage}", disable=common.rank() != 0):
-            items = stream.next(per_rank) if args.rif != "none" else \
-                stream.next(args.batch_size)[common.rank() * per_rank:(common.rank() + 1) * per_rank]
-            m = grpo_step(b, ref, opt, items, args, device, probe)
+            items = stream.next_slice(args.batch_size, common.rank(), common.world())
+            m = grpo_step(lm, ref, opt, items, args, device, probe)
             log(stage=stage, step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
+
+    def rif_stream(lm, stream, steps, stage, log, device):
+        """RIF-RFT: roll out the stage's whole prompt pool K times, keep the instances that can teach; the same
+        number of passes over the kept ones, so fewer steps (RIF's saving). Every rank filters its share and the
+        keep flags are summed, so all ranks hold the same kept pool and take equal slices of it."""
+        pool = stream.next(steps * args.batch_size)
+        mine = list(range(common.rank(), len(pool), common.world()))
+        flags, stats, _ = common.filter_items(lm, [pool[i] for i in mine], args.rif, args.format, args.rif_k,
+                                              args.temperature, args.max_new_tokens, device, args.gen_batch)
+        kept_mask = [0.0] * len(pool)
+        for i, f in zip(mine, flags):
+            kept_mask[i] = float(f)
+        kept = [it for it, f in zip(pool, common.all_sum(kept_mask, device)) if f]
+        common.print0(f"  rif {args.rif}: kept {stats['kept']}/{stats['instances']} "
+                      f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
+        log(stage=stage, rif=stats)
+        if not kept:  # nothing can teach this model here: the stage trains on nothing, and says so
+            common.print0("  rif: no instance kept; the stage takes no step")
+            return stream, 0
+        return Stream.from_items(kept, (args.seed, stage)), max(1, math.ceil(steps * stats["kept_fraction"]))
 
     return common.run_cpt(args, "rft", train_stage)
 

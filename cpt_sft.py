@@ -11,7 +11,9 @@ batch, so gradient accumulation and several ranks give the same gradient as one 
 After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
 
 --sft_data self is P2's "SFT on RFT-simulated rollouts": the targets are the model's own correct samples
-(K per item, drawn at the start of each stage from the current model) instead of the ground truth.
+(K per item, drawn at each step from the current model) instead of the ground truth. Ranks then hold different
+numbers of targets; every rank still runs the same number of forwards (common.equal_chunks), as FSDP requires.
+A non-finite loss or gradient norm stops the run before the optimizer steps on it (common.Diverged).
 
     python cpt_sft.py                                 # the tiny default, a few minutes on 2 CPU cores
     python cpt_sft.py --multitask                     # all tasks at once: the upper bound
@@ -26,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import Stream
+from data.tasks import Stream
 
 
 def sft_loss(logp, mask, n_tokens):
@@ -34,41 +36,32 @@ def sft_loss(logp, mask, n_tokens):
     return -(logp * mask).sum() / n_tokens
 
 
-def sft_target(b, answer, fmt):
-    """Token ids the model is taught to emit: the answer in the run's format, then end-of-turn."""
-    text = {"plain": answer, "boxed": f"\\boxed{{{answer}}}", "tags": f"<answer>{answer}</answer>"}[fmt]
-    return b.tok(text, add_special_tokens=False)["input_ids"] + [b.eos_id]
-
-
-def sft_step(b, opt, items, targets, fmt, micro_batch, device, grad_clip=1.0, weight=1.0):
-    """One optimizer step on (items, target ids) of this rank. Returns (loss, grad norm, answer tokens).
-    weight=0 makes this rank's pass a stand-in that keeps FSDP's collectives in step but adds nothing."""
-    n_local = sum(len(t) for t in targets) * weight
-    n_tokens = common.all_sum([n_local], device)[0]
+def sft_step(lm, opt, pairs, fmt, micro_batch, device, filler, grad_clip=1.0):
+    """One optimizer step on this rank's (item, target ids) pairs. Returns (loss, grad norm, answer tokens).
+    `filler` is an item for the stand-in passes of a rank with fewer (or no) pairs: they keep FSDP's collectives
+    in step and add nothing."""
+    n_tokens = common.all_sum([sum(len(t) for _, t in pairs)], device)[0]
     total = 0.0
-    for i in range(0, len(items), micro_batch):
-        logp, mask = common.token_logprobs(b, items[i:i + micro_batch], fmt, targets[i:i + micro_batch], device)
+    for chunk, real in common.equal_chunks(pairs, micro_batch, device, (filler, [lm.eos_id])):
+        logp, mask = common.token_logprobs(lm, [it for it, _ in chunk], fmt, [t for _, t in chunk], device)
         # FSDP averages gradients over ranks; the loss already divides by the global count, so undo the average
-        loss = sft_loss(logp, mask, n_tokens) * common.world() * weight
+        loss = sft_loss(logp, mask, n_tokens) * common.world() * real
         loss.backward()
         total += loss.item() / common.world()
-    norm = torch.nn.utils.clip_grad_norm_(b.model.parameters(), grad_clip)
+    total = common.all_sum([total], device)[0]
+    norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), grad_clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    common.check_finite(loss=total, grad_norm=norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return common.all_sum([total], device)[0], float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), \
-        n_tokens
+    return total, norm, n_tokens
 
 
-def self_targets(b, items, args, device):
-    """P2's RFT-simulated data: K samples per item from the current model, keep the correct ones."""
-    table = common.rollout(b, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
-    kept_items, kept_targets = [], []
-    for it, row in zip(items, table):
-        for comp, s in zip(row["completions"], row["scores"]):
-            if s.correct:
-                kept_items.append(it)
-                kept_targets.append(comp)
-    return kept_items, kept_targets
+def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
+    """P2's RFT-simulated data: K samples per item from the current model, keep the correct ones as
+    (item, completion ids) pairs."""
+    table = common.rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
+    return [(row["item"], comp) for row in table for comp, s in zip(row["completions"], row["scores"]) if s.correct]
 
 
 def main(argv=None):
@@ -80,30 +73,28 @@ def main(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --sft_data self")
     g.add_argument("--max_new_tokens", type=int, default=16, help="rollout length for --sft_data self")
     args = p.parse_args(argv)
+    common.refuse(common.input_errors(args, positive=("k", "max_new_tokens")))
 
-    def train_stage(b, specs, stage, log):
-        device = next(b.model.parameters()).device
-        opt = torch.optim.AdamW(b.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    def train_stage(lm, specs, stage, log):
+        device = next(lm.model.parameters()).device
+        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         stream = Stream(specs, (args.seed, stage))
-        b.model.train()
-        per_rank = args.batch_size // common.world()
+        lm.model.train()
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
         for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=common.rank() != 0):
-            t0, weight = time.time(), 1.0
-            items = stream.next(args.batch_size)[common.rank() * per_rank:(common.rank() + 1) * per_rank]
+            t0 = time.time()
+            items = stream.next_slice(args.batch_size, common.rank(), common.world())
             if args.sft_data == "self":
-                items, targets = self_targets(b, items, args, device)
-                if common.all_sum([len(items)], device)[0] == 0:
-                    log(stage=stage, step=step, kept=0)
+                pairs = self_targets(lm, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
+                if common.all_sum([len(pairs)], device)[0] == 0:
+                    log(stage=stage, step=step, kept=0, skipped_step=True)
                     continue
-                if not items:  # this rank has none correct: a zero-weight pass keeps FSDP's collectives in step
-                    items, targets, weight = stream.next(1), [[b.eos_id]], 0.0
             else:
-                targets = [sft_target(b, it["answer"], args.format) for it in items]
-            loss, norm, ntok = sft_step(b, opt, items, targets, args.format, args.micro_batch, device, args.grad_clip,
-                                        weight)
-            log(stage=stage, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=ntok,
-                items=len(items), seconds=round(time.time() - t0, 3))
+                pairs = [(it, common.target_ids(lm, it["answer"], args.format)) for it in items]
+            loss, norm, n_tokens = sft_step(lm, opt, pairs, args.format, args.micro_batch, device, items[0],
+                                            args.grad_clip)
+            log(stage=stage, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=int(n_tokens),
+                items=int(common.all_sum([len(pairs)], device)[0]), seconds=round(time.time() - t0, 3))
 
     return common.run_cpt(args, "sft", train_stage)
 

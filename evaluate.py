@@ -28,6 +28,7 @@ import statistics
 from PIL import Image, ImageDraw, ImageFont
 
 import common
+from data.rewards import FORMATS
 from data.tasks import DEFAULT_GENERAL, DEFAULT_SEQUENCE
 
 
@@ -95,6 +96,8 @@ def load_run(path):
         res = json.load(f)
     res["path"] = path
     res["n_tasks"] = len(res["config"]["tasks"])
+    res["stages"] = 1 if res["config"].get("multitask") else res["n_tasks"]
+    res["complete"] = len(res["rows"]) == res["stages"] + 1  # a run that stopped early is not a finished one
     log = os.path.join(path, "log.jsonl")
     res["log"] = [json.loads(x) for x in open(log)] if os.path.exists(log) else []
     return res
@@ -112,12 +115,28 @@ def label(res):
     return name + f" lr={c.get('lr')}"
 
 
+def seedless(res):
+    """A run's whole command without its seed (and world size): runs are seeds of one setting only when equal."""
+    return json.dumps({k: v for k, v in res["config"].items() if k not in ("seed", "world")}, sort_keys=True)
+
+
 def group_runs(runs):
-    """Runs grouped by label (same command up to --seed), in the order first seen."""
+    """Runs grouped by their command up to --seed, in the order first seen. The label shows the flags that differ
+    from the defaults, and any other setting that differs between the groups given."""
     groups = {}
     for r in runs:
-        groups.setdefault(label(r), []).append(r)
-    return groups
+        groups.setdefault(seedless(r), []).append(r)
+    out = {}
+    for rs in groups.values():
+        c = rs[0]["config"]
+        # settings that differ from another group of the same script (SFT's flags are not RFT's)
+        family = [g[0]["config"] for g in groups.values()
+                  if (g[0]["config"]["script"], g[0]["config"].get("multitask")) == (c["script"], c.get("multitask"))]
+        varying = sorted(k for k in c if k not in ("seed", "world", "lr") and
+                         len({json.dumps(f.get(k)) for f in family}) > 1)
+        name = label(rs[0])
+        out[name + "".join(f" {k}={c.get(k)}" for k in varying if f" {k}=" not in name)] = rs
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -184,15 +203,24 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def heatmap(res, path, title):
-    """The accuracy matrix with the numbers in the cells (rows: stages; columns: tasks)."""
-    rows, cols, acc = res["rows"], res["columns"], res["acc"]
+def mean_matrix(runs):
+    """The accuracy matrix averaged over seeds, cell by cell (None where every seed has None)."""
+    return [[mean_std([r["acc"][i][j] for r in runs])[0] for j in range(len(runs[0]["columns"]))]
+            for i in range(len(runs[0]["rows"]))]
+
+
+def heatmap(runs, path, title):
+    """The accuracy matrix, mean over the seeds given, with the numbers in the cells (rows: stages; columns: tasks);
+    the same numbers as the report's table."""
+    res = runs[0]
+    rows, cols, acc = res["rows"], res["columns"], mean_matrix(runs)
     f, fb = _font(13), _font(15)
     cw, ch, left, top = 86, 30, 110, 64
-    img = Image.new("RGB", (left + cw * len(cols) + 10, top + ch * len(rows) + 30), "white")
+    img = Image.new("RGB", (max(left + cw * len(cols) + 10, 760), top + ch * len(rows) + 30), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 8), title, fill="black", font=fb)
-    d.text((10, 28), "accuracy (%) after each stage; columns right of the bar are general tasks", fill="#444", font=f)
+    d.text((10, 28), f"accuracy (%) after each stage, mean over {len(runs)} seed(s); columns right of the bar are "
+                     f"general tasks", fill="#444", font=f)
     for j, c in enumerate(cols):
         d.text((left + j * cw + cw / 2, top - 8), c, fill="black", font=f, anchor="ms")
     for i, r in enumerate(rows):
@@ -238,14 +266,14 @@ def curves(groups, path):
     pw, ph, ncol = 300, 210, 4
     nrow = math.ceil(len(cols) / ncol)
     legend_h = 22 * len(seq) + 10
-    img = Image.new("RGB", (ncol * pw + 20, nrow * ph + 50 + legend_h), "white")
+    img = Image.new("RGB", (max(ncol * pw + 20, 900), nrow * ph + 50 + legend_h), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), "accuracy (%) of each task across the stages (x: the model after that stage)", fill="black",
-           font=fb)
+    d.text((10, 10), "accuracy (%) of each task across the stages, mean over seeds; x: the base (0), then the model "
+                     "after stage " + ", ".join(f"{i} ({r})" for i, r in enumerate(rows) if i), fill="black", font=fb)
     for j, c in enumerate(cols):
         ox, oy = 10 + (j % ncol) * pw, 40 + (j // ncol) * ph
         box = (ox + 40, oy + 24, ox + pw - 12, oy + ph - 44)
-        _axes(d, box, [r[:6] for r in rows], f"{c}{' (general)' if j >= ref['n_tasks'] else ''}", f)
+        _axes(d, box, [str(i) for i in range(len(rows))], f"{c}{' (general)' if j >= ref['n_tasks'] else ''}", f)
         for k, runs in enumerate(seq.values()):
             pts = []
             for i in range(len(rows)):
@@ -306,6 +334,12 @@ def frontier(groups, path):
 
 def report(paths, out, do_frontier=False):
     runs = [load_run(p) for p in paths]
+    for r in runs:
+        if not r["complete"]:
+            print(f"left out: {r['path']} stopped after {len(r['rows']) - 1} of its {r['stages']} stage(s)")
+    runs = [r for r in runs if r["complete"]]
+    if not runs:
+        raise SystemExit("no finished run to report")
     groups = group_runs(runs)
     md = markdown(groups)
     print(md)
@@ -314,7 +348,8 @@ def report(paths, out, do_frontier=False):
         pictures = []
         for name, rs in groups.items():
             fn = "heatmap-" + "".join(ch if ch.isalnum() else "_" for ch in name) + ".png"
-            heatmap(rs[0], os.path.join(out, fn), f"{name}  (seed {rs[0]['config']['seed']}, {rs[0]['path']})")
+            seeds = ", ".join(str(r["config"]["seed"]) for r in rs)
+            heatmap(rs, os.path.join(out, fn), f"{name}  (seeds {seeds})")
             pictures.append(fn)
         if curves(groups, os.path.join(out, "curves.png")):
             pictures.append("curves.png")
@@ -334,14 +369,14 @@ def report(paths, out, do_frontier=False):
 def evaluate_checkpoint(args):
     _, _, device = common.init_dist()
     common.seed_all(0, "eval")
-    b = common.load_model(args.paths[0], device)
+    lm = common.load_model(args.paths[0], device)
     if common.is_dist():
-        common.shard_model(b.model, device)
+        common.shard_model(lm.model, device)
     for spec in args.tasks:
         items = common.eval_items(spec, args.eval_n)
-        if not b.is_vlm and any(it["images"] for it in items):
+        if not lm.is_vlm and any(it["images"] for it in items):
             raise SystemExit(f"task {spec} has images but {args.paths[0]} is a text-only model")
-        acc, rew = common.evaluate_task(b, items, args.format, device, args.eval_batch, desc=spec)
+        acc, rew = common.evaluate_task(lm, items, args.format, device, args.eval_batch, desc=spec)
         common.print0(f"{common.task_name(spec):14s} accuracy {100 * acc:5.1f}% of {len(items)} items   "
                       f"mean reward {rew:.3f}")
     common.cleanup()
@@ -352,7 +387,7 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="run folders (with results.json), or one model folder")
     g = p.add_argument_group("evaluating a model")
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE + DEFAULT_GENERAL, help="built-in names or JSONL")
-    g.add_argument("--format", default="plain", choices=["plain", "boxed", "tags"], help="answer format")
+    g.add_argument("--format", default="plain", choices=FORMATS, help="answer format")
     g.add_argument("--eval_n", type=int, default=500, help="test items per task")
     g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size")
     g = p.add_argument_group("comparing runs")
@@ -361,7 +396,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if all(os.path.exists(os.path.join(x, "results.json")) for x in args.paths):
         return report(args.paths, args.report, args.frontier)
-    if len(args.paths) == 1 and os.path.exists(os.path.join(args.paths[0], "config.json")):
+    if len(args.paths) == 1 and (os.path.exists(os.path.join(args.paths[0], "config.json"))
+                                 or args.paths[0].endswith(".gguf")):
         return evaluate_checkpoint(args)
     raise SystemExit("give run folders (each with results.json) or one model folder (with config.json)")
 

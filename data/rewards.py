@@ -5,6 +5,8 @@ A completion is scored in two steps:
        plain : the whole completion is the answer (the tiny model answers directly)
        boxed : `<think>...</think>` (optional) then exactly one `\\boxed{...}` (P1)
        tags  : `<think>...</think>` (optional) then exactly one `<answer>...</answer>` (P2)
+       free  : read from the model's own words, the way the verifier kind needs (see `read_free`): a real chat
+               model answers "The capital of France is Paris.", and whether it obeys a format is not knowledge
      A format violation gives answer None; two boxed answers are a violation (no hedging).
   2. compare it with the gold answer using the task's verifier *kind*:
        exact  : equal after normalisation (case, unicode, spaces, punctuation, leading article)
@@ -22,13 +24,14 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-FORMATS = ("plain", "boxed", "tags")
+FORMATS = ("plain", "boxed", "tags", "free")
 KINDS = ("exact", "choice", "number", "perm")
 
 FORMAT_INSTRUCTIONS = {  # appended to the question so that a real chat model knows the format
     "plain": "",
     "boxed": " Think inside <think> </think>, then give the final answer in \\boxed{}.",
     "tags": " Think inside <think> </think>, then give the final answer inside <answer> </answer>.",
+    "free": " Answer briefly.",  # a hint only: the reading below does not depend on it being followed
 }
 
 
@@ -70,10 +73,20 @@ def _boxed_contents(text):
         i = j
 
 
+def answer_text(answer, fmt):
+    """The inverse of extraction: how the gold answer is written in format `fmt` (what SFT teaches)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown answer format {fmt!r}; expected one of {FORMATS}")
+    return {"boxed": f"\\boxed{{{answer}}}", "tags": f"<answer>{answer}</answer>"}.get(fmt, answer)
+
+
 def extract_answer(text, fmt="plain"):
-    """The final answer in `text` for answer format `fmt`, or None if the format is violated."""
+    """The final answer in `text` for answer format `fmt`, or None if the format is violated. For "free" the
+    whole reply (see `read_free` for how an answer is then read out of it)."""
     if not isinstance(text, str):
         return None
+    if fmt == "free":
+        return text.strip() or None
     if fmt == "plain":
         ans = text.strip()
         return ans if ans and "\n" not in ans and len(ans) <= 200 else None
@@ -137,6 +150,73 @@ def parse_perm(s, n=None):
     return tiles if tiles is not None and sorted(tiles) == list(range(1, len(tiles) + 1)) else None
 
 
+# ----------------------------------------------------------------------------- reading free text
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+_CHOICE = re.compile(r"\(([A-Z])\)|(?<![\w(])([A-Z])\)|\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\b", re.I)
+
+
+def last_number(text):
+    """The last number written as a whole word in `text` ("12", "-3", "1,024", "2.5"); digits inside a word
+    ("x2", "3rd") are not numbers. None if there is none."""
+    found = _NUMBER.findall(unicodedata.normalize("NFKC", text))
+    return found[-1] if found else None
+
+
+def chosen_letter(text):
+    """The multiple-choice letter a reply chooses: the last "(B)", "B)" or "answer is B"; else a reply that is
+    just a letter ("B", "B. text"). None if there is none."""
+    text = unicodedata.normalize("NFKC", text)
+    found = [next(g for g in m.groups() if g) for m in _CHOICE.finditer(text)]
+    if found:
+        return found[-1].upper()
+    return parse_choice(text) if re.match(r"\s*\(?[A-Za-z]\)?(?:[.:)\s]|$)", text) else None
+
+
+def named_candidates(text, candidates):
+    """The candidate answers `text` names as whole words after normalisation, in order. An occurrence inside a
+    longer candidate's occurrence does not count ("light blue" names "light blue", not also "blue")."""
+    words = normalize(text).split()
+    spans = []  # (start, end, candidate)
+    for cand in dict.fromkeys(candidates):
+        cw = normalize(cand).split()
+        if not cw:
+            continue
+        spans += [(i, i + len(cw), cand) for i in range(len(words) - len(cw) + 1) if words[i:i + len(cw)] == cw]
+    inside = lambda a, b: b[0] <= a[0] and a[1] <= b[1] and (b[1] - b[0]) > (a[1] - a[0])
+    kept = [a for a in spans if not any(inside(a, b) for b in spans)]
+    return list(dict.fromkeys(c for _, _, c in sorted(kept)))
+
+
+def last_placement(text, n):
+    """The last run of n tile numbers (1..n) in `text`, as "2 4 1 3"; None if there is none."""
+    runs = re.findall(r"(?<!\d)\d(?:[\s,]+\d){%d}(?!\d)" % (n - 1), text) if n > 0 else []
+    for run in reversed(runs):
+        tiles = parse_placement(run, n)
+        if tiles is not None:
+            return " ".join(map(str, tiles))
+    return None
+
+
+def read_free(text, gold, kind, candidates=()):
+    """The answer a free-text reply gives, in the form `verify` reads, or None when no answer can be read:
+      number : the last number;   choice : the chosen letter;   perm : the last placement of n tiles;
+      exact  : the one candidate of the task (gold included) the reply names as whole words; a reply that names
+               several gives them all ("red | blue"), which is wrong: listing every option is no answer."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    if kind == "number":
+        return last_number(text)
+    if kind == "choice":
+        return chosen_letter(text)
+    if kind == "perm":
+        return last_placement(text, len(gold.split()))
+    if kind == "exact":
+        named = named_candidates(text, [gold, *candidates])
+        return " | ".join(named) if named else None
+    raise ValueError(f"unknown verifier kind {kind!r}; expected one of {KINDS}")
+
+
 # ----------------------------------------------------------------------------- verifiers
 
 def perm_credit(pred, gold):
@@ -168,9 +248,12 @@ def verify(answer, gold, kind="exact", rel_tol=1e-2):
     return ok, float(ok)
 
 
-def score(completion, gold, kind="exact", fmt="plain"):
-    """Score one completion: extraction in format `fmt`, then the verifier `kind`."""
+def score(completion, gold, kind="exact", fmt="plain", candidates=()):
+    """Score one completion: extraction in format `fmt` (for "free", reading with the task's `candidates`),
+    then the verifier `kind`."""
     answer = extract_answer(completion, fmt)
+    if fmt == "free":
+        answer = read_free(answer, gold, kind, candidates)
     correct, acc = verify(answer, gold, kind)
     return Score(correct, acc, answer is not None)
 

@@ -147,6 +147,10 @@ def gen_jigsaw(rng, grid=2):
     return problem, " ".join(str(s + 1) for s in perm), [out], "perm", " ".join(map(str, weak))
 
 
+# every answer a task can have: a free-text reply that names two of them is hedging, not answering (rewards.read_free)
+CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "side": ["left", "right"], "left_color": list(COLORS),
+              "right_shape": list(SHAPES), "top_color": list(COLORS)}
+
 GENERAL = {"color": gen_color, "shape": gen_shape, "side": gen_side, "add": gen_add}
 CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "right_shape": gen_right_shape, "top_color": gen_top_color}
 BUILTIN = {**GENERAL, **CPT}
@@ -161,7 +165,8 @@ def builtin_items(name, split, n, start=0, weak=False):
     for i in range(start, start + n):
         rng = random.Random(f"{name}/{SPLIT_OFFSET[split] + i}")
         problem, answer, images, kind, weak_answer = gen(rng)
-        out.append({"problem": problem, "answer": weak_answer if weak else answer, "images": images, "kind": kind})
+        out.append({"problem": problem, "answer": weak_answer if weak else answer, "images": images, "kind": kind,
+                    "candidates": CANDIDATES.get(name, [])})
     return out
 
 
@@ -175,11 +180,15 @@ def load_jsonl(path):
     """Read `{"problem": "... <image> ...", "answer": "...", "images": ["rel/path.png"], "kind": optional}` lines.
     Image paths are relative to the JSONL file. Every problem is checked before anything runs."""
     items, base = [], os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -208,6 +217,9 @@ def load_jsonl(path):
                           "where": where})
     if not items:
         raise DataError(f"{path}: no data lines")
+    exact = sorted({it["answer"] for it in items if it["kind"] == "exact"})
+    for it in items:  # the answers this data set has: what a free-text reply must not hedge between
+        it["candidates"] = exact if it["kind"] == "exact" else []
     return items
 
 
@@ -225,25 +237,83 @@ def open_image(img, where="?"):
 # ----------------------------------------------------------------------------- task specs
 
 def task_name(spec):
-    """Short column name of a task spec: the built-in name, or the JSONL file's stem."""
+    """Short column name of a task spec: the built-in name, or the JSONL file's stem without a "_train" suffix
+    ("data/add_train.jsonl:data/add_test.jsonl" -> "add")."""
     if spec in BUILTIN:
         return spec
-    return os.path.splitext(os.path.basename(spec.split(":")[0]))[0]
+    stem = os.path.splitext(os.path.basename(spec.split(":")[0]))[0]
+    return stem[:-len("_train")] if stem.endswith("_train") and len(stem) > len("_train") else stem
+
+
+HOLD_OUT = 10  # JSONL: of every 10 lines, one is validation and one test (one file), or one validation (two files)
+
+
+def _held_out(i, split, has_test_file):
+    """Which split line i of a train file belongs to: val and test never share a line, so tuning on val never
+    sees test."""
+    if i % HOLD_OUT == HOLD_OUT - 1:
+        return "val"
+    if i % HOLD_OUT == HOLD_OUT // 2 - 1 and not has_test_file:
+        return "test"
+    return "train"
 
 
 def load_split(spec, split, n=None, start=0):
-    """Items of a task spec for a split. Built-in: generated. JSONL: `train.jsonl[:test.jsonl]`; with one
-    file, every 5th line is held out as test (and val), the rest is train."""
+    """Items of a task spec for a split. Built-in: generated. JSONL: `train.jsonl[:test.jsonl]`; with one file,
+    lines 5, 15, 25, ... are test and 10, 20, 30, ... validation (1-based); with two, test is the second file and
+    validation every 10th line of the first. A file too small to hold out one item per split is refused."""
     if spec in BUILTIN:
         return builtin_items(spec, split, n if n is not None else 500, start)
     train_path, _, test_path = spec.partition(":")
-    if not os.path.isfile(train_path):
-        raise DataError(f"task {spec!r} is neither a built-in task ({', '.join(BUILTIN)}) nor an existing file")
-    if test_path and split != "train":
+    for path in filter(None, (train_path, test_path)):
+        if not os.path.isfile(path):
+            raise DataError(f"task {spec!r}: {path} is neither a built-in task ({', '.join(BUILTIN)}) nor an "
+                            f"existing file")
+    if test_path and split == "test":
         items = load_jsonl(test_path)
     else:
         items = load_jsonl(train_path)
-        if not test_path:
-            items = [it for i, it in enumerate(items) if (i % 5 == 4) == (split != "train")]
+        if len(items) < HOLD_OUT:
+            raise DataError(f"{train_path}: {len(items)} data lines; at least {HOLD_OUT} are needed to hold out "
+                            f"validation{'' if test_path else ' and test'} items (one line in {HOLD_OUT} each)")
+        items = [it for i, it in enumerate(items) if _held_out(i, split, bool(test_path)) == split]
     items = items[start:]
     return items[:n] if n is not None else items
+
+
+# ----------------------------------------------------------------------------- training streams
+
+class Stream:
+    """An endless, seeded stream of training items from one or more task specs (several = multi-task).
+    Built-in tasks draw fresh items; JSONL tasks are shuffled and cycled. Every rank builds the same stream and
+    takes its own slice of each batch, so the data do not depend on which rank runs them."""
+
+    def __init__(self, specs, seed, data=None):
+        self.rng = random.Random(f"stream/{seed}/{specs}")
+        self.specs = list(specs)
+        self.cursor = {s: self.rng.randrange(10_000_000) if s in BUILTIN else 0 for s in self.specs}
+        self.data = data or {s: None if s in BUILTIN else load_split(s, "train") for s in self.specs}
+        for s, items in self.data.items():
+            if items is not None:
+                self.rng.shuffle(items)
+
+    @classmethod
+    def from_items(cls, items, seed):
+        """A stream that cycles through a fixed list of items (e.g. the instances a filter kept)."""
+        return cls(["pool"], seed, {"pool": list(items)})
+
+    def next(self, n):
+        out = []
+        for _ in range(n):
+            s = self.rng.choice(self.specs)
+            if self.data[s] is None:
+                out += load_split(s, "train", 1, self.cursor[s])
+            else:
+                out.append(self.data[s][self.cursor[s] % len(self.data[s])])
+            self.cursor[s] += 1
+        return out
+
+    def next_slice(self, batch_size, rank, world):
+        """The next global batch, and this rank's equal share of it (batch_size is divisible by world)."""
+        per = batch_size // world
+        return self.next(batch_size)[rank * per:(rank + 1) * per]

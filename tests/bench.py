@@ -80,7 +80,7 @@ def main():
     a = p.parse_args()
     _, world, device = common.init_dist()
     b = build(a.shape, device)
-    common.configure(b, argparse.Namespace(grad_ckpt=a.grad_ckpt, min_pixels=a.image ** 2, max_pixels=a.image ** 2))
+    common.configure(b, a.grad_ckpt, a.image ** 2, a.image ** 2)
     if common.is_dist():
         common.shard_model(b.model, device)
     from PIL import Image

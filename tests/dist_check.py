@@ -1,6 +1,8 @@
 """Run under plain python and under `torchrun --nproc_per_node=2` (gloo, CPU): a few SFT steps and GRPO updates
 on fixed data with the same global batch, FSDP2-sharded when distributed; rank 0 writes losses and a full state
-dict to OUT. tests/test_dist.py compares the two runs. `--lengths` instead checks that ranks generating different
+dict to OUT. tests/test_dist.py compares the two runs. The later steps give the ranks uneven work, as self-SFT
+(different numbers of correct rollouts, one rank none), silent GRPO groups and RIF do: 3 + 1 and 4 + 0 items,
+a KL term to a reference model; the model is then saved by save_checkpoint and loaded back. `--lengths` instead checks that ranks generating different
 lengths (rank 0 stops at once, rank 1 never) do not hang under synced_gpus."""
 import argparse
 import os
@@ -11,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from cpt_rft import grpo_update  # noqa: E402
-from cpt_sft import sft_step, sft_target  # noqa: E402
+from cpt_sft import sft_step  # noqa: E402
 from data.tasks import builtin_items  # noqa: E402
 
 
@@ -47,8 +49,16 @@ def main():
     per = 8 // world
     for step in range(3):
         batch = items[step * 8:(step + 1) * 8][rank * per:(rank + 1) * per]
-        targets = [sft_target(b, it["answer"], "plain") for it in batch]
-        loss, _, _ = sft_step(b, opt, batch, targets, "plain", 2, device)   # micro-batch 2: accumulation too
+        pairs = [(it, common.target_ids(b, it["answer"], "plain")) for it in batch]
+        loss, _, _ = sft_step(b, opt, pairs, "plain", 2, device, batch[0])   # micro-batch 2: accumulation too
+        losses.append(loss)
+    # uneven SFT, as --sft_data self gives: the global pairs split 3 + 1, then 4 + 0 (micro-batch 1); image items
+    # on every rank, since a VLM's vision tower is an FSDP unit that every rank must run alike
+    uneven = builtin_items("top_color", "train", 8)
+    for step, split in ((0, 3), (1, 4)):
+        pairs = [(it, common.target_ids(b, it["answer"], "plain")) for it in uneven[step * 4:step * 4 + 4]]
+        mine = pairs if world == 1 else (pairs[:split] if rank == 0 else pairs[split:])
+        loss, _, _ = sft_step(b, opt, mine, "plain", 1, device, uneven[0])
         losses.append(loss)
     # GRPO: fixed "rollouts" (varied lengths) and advantages, 2 updates, with a KL term to a reference
     args = argparse.Namespace(micro_batch=3, ppo_epochs=2, clip_low=0.2, clip_high=0.3, kl_coef=0.05,
@@ -62,7 +72,14 @@ def main():
     per = len(seqs) // world
     m = grpo_update(b, ref, opt, seqs[rank * per:(rank + 1) * per], args, device)
     losses.append(m["grad_norm"])
+    # uneven GRPO: 5 + 1 sequences with silent sequences counted in the normaliser (2 + 0), then 6 + 0
+    for split in (5, 6):
+        mine = seqs[:6] if world == 1 else (seqs[:split] if rank == 0 else seqs[split:6])
+        extra = (7, 2) if world == 1 else ((7, 2) if rank == 0 else (0, 0))
+        m = grpo_update(b, ref, opt, mine, args, device, filler=pool[0], normaliser_extra=extra)
+        losses.append(m["grad_norm"])
     sd = common.full_state_dict(b.model)
+    common.save_checkpoint(b, os.path.join(a.out, f"ckpt-world{world}"))
     if rank == 0:
         torch.save({"losses": losses, "state": sd}, os.path.join(a.out, f"world{world}.pt"))
     common.cleanup()

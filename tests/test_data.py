@@ -4,7 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from data.tasks import BUILTIN, CPT, GENERAL, SIZE, DataError, builtin_items, load_jsonl, load_split
+from data.tasks import BUILTIN, CPT, GENERAL, SIZE, DataError, Stream, builtin_items, load_jsonl, load_split, \
+    task_name
 
 
 def test_builtin_tasks_are_deterministic_and_splits_disjoint():
@@ -97,9 +98,48 @@ def test_placeholder_count_must_match(tmp_path):
         load_jsonl(p)
 
 
-def test_jsonl_split_holds_out_every_fifth_line(tmp_path):
-    p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": str(i)}) for i in range(10)])
-    assert [it["answer"] for it in load_split(p, "test")] == ["4", "9"]
-    assert len(load_split(p, "train")) == 8
+def test_jsonl_splits_hold_out_disjoint_val_and_test(tmp_path):
+    p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": str(i)}) for i in range(20)])
+    test, val, train = (load_split(p, s) for s in ("test", "val", "train"))
+    assert [it["answer"] for it in test] == ["4", "14"]          # lines 5 and 15 (1-based)
+    assert [it["answer"] for it in val] == ["9", "19"]           # lines 10 and 20: tuning never sees test
+    assert len(train) == 16 and not {it["answer"] for it in train} & {"4", "14", "9", "19"}
+    # with a separate test file, validation is still carved out of the train file, never the test file
+    t = _write(tmp_path, [json.dumps({"problem": "t", "answer": "x"})] * 3, "t.jsonl")
+    assert [it["answer"] for it in load_split(f"{p}:{t}", "val")] == ["9", "19"]
+    assert [it["answer"] for it in load_split(f"{p}:{t}", "test")] == ["x", "x", "x"]
+    assert len(load_split(f"{p}:{t}", "train")) == 18
     with pytest.raises(DataError, match="neither a built-in task"):
         load_split(str(tmp_path / "nope.jsonl"), "train")
+
+
+def test_a_file_too_small_to_hold_out_items_is_refused(tmp_path):
+    p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": str(i)}) for i in range(3)])
+    with pytest.raises(DataError, match=r"3 data lines; at least 10 are needed"):
+        load_split(p, "test")
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"problem": "q", "answer": "a"}\n{"problem": "caf\xe9", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        load_jsonl(str(p))
+
+
+def test_task_names_drop_the_train_suffix():
+    assert task_name("data/add_train.jsonl:data/add_test.jsonl") == "add"
+    assert task_name("x/capitals.jsonl") == "capitals" and task_name("left_color") == "left_color"
+    assert task_name("_train.jsonl") == "_train"
+
+
+def test_exact_answers_carry_their_task_candidates(tmp_path):
+    assert builtin_items("left_color", "test", 1)[0]["candidates"] == ["red", "green", "blue", "yellow"]
+    assert builtin_items("add", "test", 1)[0]["candidates"] == []
+    p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": a}) for i, a in enumerate(["Paris", "Rome", "2"])])
+    assert [it["candidates"] for it in load_jsonl(p)] == [["Paris", "Rome"], ["Paris", "Rome"], []]
+
+
+def test_stream_slices_one_global_batch_over_ranks():
+    whole = Stream(["left_color", "add"], 7).next(6)
+    parts = [Stream(["left_color", "add"], 7).next_slice(6, r, 3) for r in range(3)]
+    assert [it["problem"] for p in parts for it in p] == [it["problem"] for it in whole]

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import common
-from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl
+from common import keep, pass_count_histogram, pass_rate, zero_variance
+from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl, silent_groups
 from cpt_sft import sft_loss
 from evaluate import mean_std, metrics, pearson, variance_diagnostic
-from filter import histogram, keep, pass_rate, reward_stats, token_nll, zero_variance
+from filter import token_nll
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -36,11 +37,28 @@ def test_remax_advantage_by_hand():
     assert adv.tolist() == [pytest.approx([0.9, 0.0]), pytest.approx([-0.9, -0.9])]
 
 
-@pytest.mark.parametrize("est", ["grpo", "rloo", "remax"])
+@pytest.mark.parametrize("est", ["grpo", "rloo"])
 def test_all_equal_group_has_zero_advantage(est):
     r = torch.tensor([[0.1, 0.1, 0.1, 0.1], [1.0, 1.0, 1.0, 1.0]])
-    adv = group_advantages(r, est, baseline=torch.tensor([0.1, 1.0]))
+    adv = group_advantages(r, est)
     assert torch.equal(adv, torch.zeros_like(adv))
+    assert silent_groups(r, est).tolist() == [True, True]
+
+
+def test_remax_all_correct_group_with_a_wrong_greedy_answer_still_teaches():
+    # every sample right (reward 1.0) but the greedy answer wrong (0.1): A = 0.9 for each sample, not silent;
+    # the second group's rewards equal its greedy baseline: silent
+    r = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.1, 0.1, 0.1, 0.1]])
+    baseline = torch.tensor([0.1, 0.1])
+    assert group_advantages(r, "remax", baseline).tolist() == [pytest.approx([0.9] * 4), [0.0] * 4]
+    assert silent_groups(r, "remax", baseline).tolist() == [False, True]
+    assert silent_groups(r, "grpo").tolist() == [True, True]    # by rewards alone both would have been skipped
+
+
+def test_silent_groups_use_a_tolerance():
+    r = torch.tensor([[0.9 * 1 + 0.1 * 1, 1.0], [0.1, 0.1 + 1e-3]])
+    assert silent_groups(r, "grpo").tolist() == [True, False]
+    assert silent_groups(r, "remax", torch.tensor([1.0, 0.1])).tolist() == [True, False]
 
 
 # ----------------------------------------------------------------------------- clipped objective and KL
@@ -83,11 +101,15 @@ def test_aggregation_by_hand():
     assert aggregate(TOK, MASK, "dr_grpo", 4, 2, 10).item() == pytest.approx(10 / (2 * 10))
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "dr_grpo"])
-def test_aggregation_is_the_same_split_into_micro_batches(mode):
-    whole = aggregate(TOK, MASK, mode, 4, 2, 10)
-    parts = aggregate(TOK[:1], MASK[:1], mode, 4, 2, 10) + aggregate(TOK[1:], MASK[1:], mode, 4, 2, 10)
-    assert parts.item() == pytest.approx(whole.item())
+@pytest.mark.parametrize("mode,first,second", [
+    ("token_mean", 6 / 4, 4 / 4),          # row 1 sums 6, row 2 sums 4; 4 tokens in the global batch
+    ("seq_mean", 2 / 2, 4 / 2),            # row means 2 and 4; 2 sequences in the global batch
+    ("dr_grpo", 6 / 20, 4 / 20),           # constant normaliser 2 sequences x 10 tokens
+])
+def test_aggregation_split_into_micro_batches_by_hand(mode, first, second):
+    # each micro-batch's share, with the global counts, is its hand-worked part of the batch loss
+    assert aggregate(TOK[:1], MASK[:1], mode, 4, 2, 10).item() == pytest.approx(first)
+    assert aggregate(TOK[1:], MASK[1:], mode, 4, 2, 10).item() == pytest.approx(second)
 
 
 def test_sft_loss_by_hand():
@@ -97,10 +119,6 @@ def test_sft_loss_by_hand():
 
 
 # ----------------------------------------------------------------------------- filter
-
-def test_reward_stats_by_hand():
-    assert reward_stats([1.0, 0.1, 0.1, 1.0]) == (pytest.approx(0.55), pytest.approx(0.2025))
-
 
 def test_zero_variance_uses_a_tolerance():
     assert zero_variance([0.9 * 1 + 0.1 * 1, 1.0, 1.0])       # 0.9 + 0.1 is 0.9999999999999999 in floats
@@ -138,8 +156,9 @@ def test_pass_rate_bounds_are_open_with_tolerance():
     assert keep("pass_rate", [1, .1, .1, .1], [1, 0, 0, 0], 0.2, 0.9)
 
 
-def test_histogram():
-    assert histogram([0.0, 0.125, 0.5, 0.99, 1.0], bins=4) == [2, 0, 1, 2]
+def test_correct_rollouts_histogram_has_a_bin_per_count():
+    # K = 8: 7/8 and 8/8 are different instances (zero_variance keeps the first, drops the second)
+    assert pass_count_histogram([0, 7, 8, 8, 3], 8) == [1, 0, 0, 1, 0, 0, 0, 1, 2]
 
 
 def test_token_nll_by_hand():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from cpt_sft import sft_loss, sft_target
+from cpt_sft import sft_loss
 from data.tasks import builtin_items
 
 B = common.load_model(common.DEFAULT_MODEL, "cpu")
@@ -84,11 +84,9 @@ def test_sampling_never_emits_forbidden_tokens():
         assert not forbidden & {t for c in comps for t in c}
         # control: the same sampling without the mask does emit them (the test can fail)
         batch, lp, _ = common.encode(B, items, "plain")
-        try:
-            raw = B.model.generate(**batch, max_new_tokens=1, do_sample=True, top_k=0, pad_token_id=B.pad_id)
-            assert forbidden & set(raw[:, lp:].flatten().tolist())
-        except (RuntimeError, ValueError):
-            pass  # or the next forward fails on a sampled image token, the failure the mask prevents
+        # (one new token: no further forward that a sampled image token would break)
+        raw = B.model.generate(**batch, max_new_tokens=1, do_sample=True, top_k=0, pad_token_id=B.pad_id)
+        assert forbidden & set(raw[:, lp:].flatten().tolist())
         # the loss uses the same mask: a forbidden token has log-prob -inf, never sampled, never trained on
         logp, mask = common.token_logprobs(B, items[:1], "plain", [[B.pad_id, B.eos_id]], "cpu")
         assert logp[0, 0] == float("-inf")
@@ -98,7 +96,7 @@ def test_sampling_never_emits_forbidden_tokens():
 
 def test_exactly_the_answer_tokens_carry_sft_loss():
     items = builtin_items("shape", "test", 3) + builtin_items("add", "test", 1)
-    targets = [sft_target(B, it["answer"], "plain") for it in items]
+    targets = [common.target_ids(B, it["answer"], "plain") for it in items]
     assert [B.tok.decode(t) for t in targets] == [it["answer"] + "<|im_end|>" for it in items]
     logp, mask = common.token_logprobs(B, items, "plain", targets, "cpu")
     n = sum(len(t) for t in targets)
@@ -134,42 +132,110 @@ def test_data_nll_of_gold_and_own_rollouts():
     from types import SimpleNamespace
     from filter import data_nll
     items = builtin_items("left_color", "test", 3)
-    gold = [sft_target(B, it["answer"], "plain") for it in items]
+    gold = [common.target_ids(B, it["answer"], "plain") for it in items]
     right, wrong = SimpleNamespace(correct=True), SimpleNamespace(correct=False)
     # "rollouts" that repeat the gold answer, one of them marked wrong: all three sets hold the same sequences
     table = [{"item": it, "completions": [g, g], "scores": [right, wrong]} for it, g in zip(items, gold)]
     out = data_nll(B, table, "plain", "cpu", batch_size=2)   # 2 per forward: chunking and a partial last chunk
-    logp, mask = common.token_logprobs(B, items, "plain", gold, "cpu")
-    expect = float(-(logp * mask).sum() / mask.sum())
+    # expected, one item at a time from the model's full logits (no padding, no logits_to_keep, no masking code)
+    nll = n = 0.0
+    for it, g in zip(items, gold):
+        batch, prompt_len, _ = common.encode(B, [it], "plain", [g])
+        with torch.no_grad():
+            logits = common.mask_forbidden(B.model(**batch).logits[0].float(), B.forbidden)
+        logprobs = F.log_softmax(logits, -1)
+        for pos, tok in enumerate(g):
+            nll -= logprobs[prompt_len + pos - 1, tok].item()
+            n += 1
+    expect = nll / n
     assert expect > 0.05   # the base does not know the rule: its gold answers are far from certain
     for k in ("gold_nll_per_token", "own_nll_per_token", "own_correct_nll_per_token"):
         assert abs(out[k] - expect) < 1e-4, (k, out[k], expect)
 
 
+class Capture:  # an optimizer that keeps the gradient instead of stepping
+    def __init__(self):
+        self.grads, self.steps = None, 0
+
+    def step(self):
+        self.steps += 1
+        self.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in B.model.parameters()]
+
+    def zero_grad(self, set_to_none=True):
+        B.model.zero_grad(set_to_none=set_to_none)
+
+
+def _grpo_args(agg="token_mean", **kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**{**dict(micro_batch=64, ppo_epochs=1, kl_coef=0.0, clip_low=0.2, clip_high=0.3,
+                                     loss_agg=agg, max_new_tokens=16, format="plain", temperature=1.0,
+                                     grad_clip=1e9), **kw})
+
+
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "dr_grpo"])
 def test_zero_advantage_groups_are_skipped_without_changing_the_gradient(agg):
-    from types import SimpleNamespace
     from cpt_rft import grpo_update
     items = builtin_items("left_color", "test", 2)
-    comp = [sft_target(B, w, "plain") for w in ("red", "blue", "green", "yellow")]
+    comp = [common.target_ids(B, w, "plain") for w in ("red", "blue", "green", "yellow")]
     live = [(items[0], comp[0], 1.0), (items[0], comp[1], -1.0)]
     dead = [(items[1], comp[2], 0.0), (items[1], comp[3], 0.0)]   # a zero-variance group: A = 0
-    args = SimpleNamespace(micro_batch=64, ppo_epochs=1, kl_coef=0.0, clip_low=0.2, clip_high=0.3, loss_agg=agg,
-                           max_new_tokens=16, format="plain", temperature=1.0, grad_clip=1e9)
-
-    class Capture:  # an optimizer that keeps the gradient instead of stepping
-        def step(self):
-            self.grads = [p.grad.clone() for p in B.model.parameters()]
-
-        def zero_grad(self, set_to_none=True):
-            B.model.zero_grad(set_to_none=set_to_none)
-
+    args = _grpo_args(agg)
     full, skipped, only_dead = Capture(), Capture(), Capture()
     grpo_update(B, None, full, live + dead, args, "cpu")
-    idle = (sum(len(c) for _, c, _ in dead), len(dead))
-    grpo_update(B, None, skipped, live, args, "cpu", idle=idle)
+    silent = (sum(len(c) for _, c, _ in dead), len(dead))
+    grpo_update(B, None, skipped, live, args, "cpu", normaliser_extra=silent)
     for a, b in zip(full.grads, skipped.grads):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
     assert max(g.abs().max() for g in full.grads) > 1e-4           # the live group does move the model
-    m = grpo_update(B, None, only_dead, [], args, "cpu", fallback_item=items[1], idle=idle)
-    assert m["updated_seqs"] == 2 and all(g.abs().max() == 0 for g in only_dead.grads)  # a zero step, still taken
+    # a batch of only silent groups takes no optimizer step at all (AdamW would still move the weights)
+    m = grpo_update(B, None, only_dead, [], args, "cpu", filler=items[1], normaliser_extra=silent)
+    assert only_dead.steps == 0 and m["skipped_step"] and m["trained_seqs"] == 0
+    assert full.steps == 1 and skipped.steps == 1
+
+
+def test_all_silent_step_leaves_adamw_weights_alone():
+    """The bug this guards: a step with no signal still took an AdamW step, and weight decay moved every weight."""
+    from cpt_rft import grpo_update
+    items = builtin_items("left_color", "test", 1)
+    before = [p.detach().clone() for p in B.model.parameters()]
+    opt = torch.optim.AdamW(B.model.parameters(), lr=1e-2, weight_decay=0.1)
+    grpo_update(B, None, opt, [], _grpo_args(), "cpu", filler=items[0], normaliser_extra=(6, 2))
+    assert all(torch.equal(a, p) for a, p in zip(before, B.model.parameters()))
+
+
+def test_self_targets_are_exactly_the_correct_rollouts():
+    from cpt_sft import self_targets
+    items = builtin_items("left_color", "test", 6)
+    torch.manual_seed(3)
+    pairs = self_targets(B, items, "plain", 4, 1.0, 16, "cpu")
+    torch.manual_seed(3)
+    table = common.rollout(B, items, "plain", 4, 1.0, 16, "cpu")
+    expect = [(row["item"]["answer"], c) for row in table for c, s in zip(row["completions"], row["scores"])
+              if s.correct]
+    assert 0 < len(pairs) < 24                                     # some right, some wrong: a real selection
+    assert [(it["answer"], c) for it, c in pairs] == expect
+    # plain format: a correct rollout is the gold answer then end-of-turn, token for token
+    assert all(c == common.target_ids(B, it["answer"], "plain") for it, c in pairs)
+
+
+def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path):
+    """A checkpoint whose generation_config carries sampling settings (here an extreme repetition penalty and
+    no-repeat n-grams) must not shape the samples: the loss computes plain softmax log-probs."""
+    items = builtin_items("add", "test", 16)
+    clean, _ = common.generate(B, items, "plain", 8, greedy=True)
+    path = str(tmp_path / "poisoned")
+    common.save_checkpoint(B, path)
+    from transformers import GenerationConfig
+    cfg = GenerationConfig.from_pretrained(path)
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size = 1e4, 1
+    cfg.save_pretrained(path)
+    lm = common.load_model(path, "cpu")
+    assert lm.saved_generation_config.repetition_penalty == 1e4     # kept, and written back on save
+    ours, _ = common.generate(lm, items, "plain", 8, greedy=True)
+    assert ours == clean
+    # control: through the checkpoint's own config, the same greedy decoding does change (the test can fail)
+    lm.model.generation_config = lm.saved_generation_config
+    leaked, _ = common.generate(lm, items, "plain", 8, greedy=True)
+    assert leaked != clean
+    common.save_checkpoint(lm, str(tmp_path / "again"))
+    assert GenerationConfig.from_pretrained(str(tmp_path / "again")).repetition_penalty == 1e4

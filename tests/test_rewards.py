@@ -91,7 +91,8 @@ def test_number_tolerance():
 def test_perm_partial_credit_by_hand():
     assert parse_perm("2 4 1 3") == [2, 4, 1, 3]
     assert parse_perm("2,4,1,3") == [2, 4, 1, 3]
-    assert parse_perm("2 4 1") is None or parse_perm("2 4 1", 4) is None
+    assert parse_perm("2 4 1") is None                             # not a permutation of 1..3
+    assert parse_perm("2 3 1") == [2, 3, 1]
     assert parse_perm("2 4 1", 4) is None                          # wrong length
     assert parse_perm("2 2 1 3") is None                           # repeated tile
     assert parse_perm("a b c d") is None
@@ -121,3 +122,87 @@ def test_score_combines_format_and_verifier():
     assert s.reward == pytest.approx(0.9 * 0.5 + 0.1)
     s = score("\U0001F600 \x00 \\boxed{", "red", "exact", "boxed")   # garbage never raises
     assert s.reward == 0.0
+
+
+# ----------------------------------------------------------------------------- free text (--format free)
+
+from data.rewards import answer_text, chosen_letter, last_number, last_placement, named_candidates, read_free  # noqa
+
+CAPITALS = ["Paris", "Rome", "Berlin", "New Delhi", "Delhi"]
+
+
+@pytest.mark.parametrize("reply,gold,correct,format_ok", [
+    ("The capital of France is Paris.", "Paris", True, True),       # a sentence, as a chat model writes
+    ("paris", "Paris", True, True),
+    ("PARIS!!", "Paris", True, True),
+    ("It is Paris, not Rome.", "Paris", False, True),               # two candidates: hedging is wrong
+    ("Paris or Rome", "Paris", False, True),
+    ("Rome", "Paris", False, True),                                 # a wrong answer was read: format ok
+    ("Parisian food is great.", "Paris", False, False),             # the answer inside a longer word
+    ("Comparison", "Paris", False, False),
+    ("I do not know.", "Paris", False, False),                      # no answer can be read
+    ("", "Paris", False, False),
+    ("   ", "Paris", False, False),
+    ("The capital of India is New Delhi.", "New Delhi", True, True),  # "Delhi" inside "New Delhi" is not a 2nd
+    ("The capital of India is Delhi.", "New Delhi", False, True),
+    ("ＰＡＲＩＳ", "Paris", True, True),                              # full-width unicode folds by NFKC
+    ("Well, " * 2000 + "the answer is Paris.", "Paris", True, True),  # a very long reply
+])
+def test_free_text_exact_answers(reply, gold, correct, format_ok):
+    s = score(reply, gold, "exact", "free", CAPITALS)
+    assert (s.correct, s.format_ok) == (correct, format_ok)
+    assert s.reward == pytest.approx(0.9 * correct + 0.1 * format_ok)
+
+
+def test_named_candidates_by_hand():
+    assert named_candidates("It is light blue", ["blue", "light blue"]) == ["light blue"]
+    assert named_candidates("blue, then light blue", ["blue", "light blue"]) == ["blue", "light blue"]
+    assert named_candidates("Red and RED", ["red", "green"]) == ["red"]
+    assert named_candidates("reddish", ["red"]) == []
+
+
+@pytest.mark.parametrize("reply,number", [
+    ("3 plus 5 is 8.", "8"),                  # the last number, not the first
+    ("The answer is -3", "-3"),
+    ("About 1,024 items", "1,024"),
+    ("x2 and the 3rd", None),                 # digits inside words are not numbers
+    ("It is 2.5.", "2.5"),
+    ("no number here", None),
+    ("٣ + ٩ = ١٢", "١٢"),                      # Arabic-Indic digits are digits too
+])
+def test_last_number(reply, number):
+    assert last_number(reply) == number
+
+
+def test_free_text_numbers_score_the_last_number():
+    assert score("3 plus 5 equals 8", "8", "number", "free").correct
+    assert not score("8 is wrong, it is 9", "8", "number", "free").correct
+    assert score("8 is wrong, it is 9", "8", "number", "free").format_ok
+    assert not score("eight", "8", "number", "free").format_ok
+    assert score("٣ + ٩ = ١٢", "12", "number", "free").correct      # read, and equal to 12
+
+
+@pytest.mark.parametrize("reply,letter", [
+    ("The answer is (B).", "B"), ("B) the circle", "B"), ("C", "C"), ("c.", "C"), ("answer: d", "D"),
+    ("(A) or maybe (C)", "C"), ("A red ball", None), ("I think so", None),
+])
+def test_chosen_letter(reply, letter):
+    assert chosen_letter(reply) == letter
+
+
+def test_free_text_placements():
+    assert last_placement("First 1 2 3 4, no: 2 4 1 3.", 4) == "2 4 1 3"
+    assert last_placement("2, 4, 1, 3", 4) == "2 4 1 3"
+    assert last_placement("tiles 12 3 4 5", 4) is None               # 12 is not a tile number
+    assert last_placement("9 9 9 9", 4) is None
+    s = score("The order is 2 4 1 3", "2 4 1 3", "perm", "free")
+    assert s.correct and s.accuracy == 2.0
+    assert read_free("", "2 4 1 3", "perm") is None
+
+
+def test_answer_text_is_the_inverse_of_extraction():
+    for fmt in ("plain", "boxed", "tags", "free"):
+        assert score(answer_text("red", fmt), "red", "exact", fmt, ["red", "blue"]).correct
+    assert answer_text("red", "boxed") == "\\boxed{red}"
+    with pytest.raises(ValueError):
+        answer_text("red", "json")

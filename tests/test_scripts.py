@@ -89,7 +89,12 @@ def test_sft_on_own_correct_rollouts(tmp_path):
     d = str(tmp_path / "self")
     run("cpt_sft.py", *TINY, "--sft_data", "self", "--k", "4", "--out", d)
     logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
-    assert logs and all("items" in x or x.get("kept") == 0 for x in logs)
+    assert len(logs) == 4
+    trained = [x for x in logs if not x.get("skipped_step")]
+    # each step trains on the correct ones of 4 items x 4 rollouts: a selection, not the 4 gold answers
+    assert trained and all(0 < x["items"] <= 16 for x in trained) and any(x["items"] != 4 for x in trained)
+    # plain format: a correct rollout is the colour word plus end-of-turn, 3 tokens each with this tokenizer
+    assert all(x["tokens"] == 3 * x["items"] for x in trained)
 
 
 def test_filter_cli_writes_kept_and_correct(tmp_path):
@@ -101,8 +106,9 @@ def test_filter_cli_writes_kept_and_correct(tmp_path):
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--mode", "incompetent", "--out", out)
     stats = json.load(open(os.path.join(out, "stats.json")))
     kept = open(os.path.join(out, "kept.jsonl")).read().splitlines()
-    assert stats["instances"] == 12 and stats["kept"] == len(kept) and sum(stats["pass_rate_histogram"]) == 12
-    assert stats["kept"] == 12 - stats["pass_rate_histogram"][0]   # incompetent drops exactly pass rate 0
+    hist = stats["correct_rollouts_histogram"]
+    assert stats["instances"] == 12 and stats["kept"] == len(kept) and sum(hist) == 12 and len(hist) == 5
+    assert stats["kept"] == 12 - hist[0]   # incompetent drops exactly the instances with 0 of 4 correct
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--emit", "correct", "--out", out)
     rows = [json.loads(x) for x in open(os.path.join(out, "correct.jsonl"))]
     assert all(r["answer"] == r["gold"] for r in rows)  # plain format: a correct rollout is the gold answer
@@ -119,16 +125,16 @@ def test_text_only_model(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     d = str(tmp_path / "run")
-    run("cpt_sft.py", "--model", path, "--tasks", "add", "--general", "add", "--eval_n", "8", "--steps", "2",
-        "--out", d)
+    run("cpt_sft.py", "--model", path, "--tasks", "add", "--general", "--eval_n", "8", "--steps", "2", "--out", d)
     assert results(d)["rows"] == ["base", "add"]
-    run("cpt_rft.py", "--model", path, "--tasks", "add", "--general", "add", "color", "--eval_n", "8", "--steps",
+    run("cpt_rft.py", "--model", path, "--tasks", "add", "--general", "color", "--eval_n", "8", "--steps",
         "1", "--group", "2", "--batch_size", "2", "--out", str(tmp_path / "rft"))
-    assert results(str(tmp_path / "rft"))["acc"][0][2] is None   # an image task is n/a for a text-only model
+    assert results(str(tmp_path / "rft"))["acc"][0][1] is None   # an image task is n/a for a text-only model
     r = subprocess.run([sys.executable, "cpt_sft.py", "--model", path, "--tasks", "color", "--general", "add",
                         "--steps", "1", "--eval_n", "4", "--out", str(tmp_path / "bad")], env=ENV, cwd=ROOT,
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "has images but the model is text-only" in r.stderr
+    assert r.returncode != 0 and "color: has images but" in r.stderr and "is a text-only model" in r.stderr
+    assert not os.path.exists(tmp_path / "bad")   # refused before anything was written
 
 
 def test_evaluate_report_and_checkpoint_mode(tmp_path):

@@ -11,8 +11,8 @@
      accuracy, a non-zero RFT reward);
   5. evaluation on 500 held-out test items per task (greedy), printed, and the folder saved.
 
-    python data/make_base.py                       # ~22 minutes on 2 CPU cores
-    python data/make_base.py --steps 300 --out /tmp/tiny-test   # a quick smoke build
+    python tools/make_base.py                       # ~22 minutes on 2 CPU cores
+    python tools/make_base.py --steps 300 --out /tmp/tiny-test   # a quick smoke build
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from cpt_sft import sft_loss, sft_target  # noqa: E402
+from cpt_sft import sft_loss  # noqa: E402
 from data.tasks import BUILTIN, CPT, GENERAL, builtin_items  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -115,41 +115,41 @@ def main():
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rng = random.Random(args.seed)
-    b = build()
+    lm = build()
     device = torch.device("cpu")
-    n_params = sum(q.numel() for q in b.model.parameters())
-    print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(b.tok)}")
-    opt = torch.optim.AdamW(b.model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    n_params = sum(q.numel() for q in lm.model.parameters())
+    print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(lm.tok)}")
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
         0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, args.steps) / args.steps)).item())))
     t0, val = time.time(), {n: builtin_items(n, "val", 100) for n in BUILTIN}
-    b.model.train()
+    lm.model.train()
     for step in range(1, args.steps + 1):
         items = mix(rng, args.batch_size, args.weak_weight, vision_only=step <= args.vision_steps)
-        targets = [sft_target(b, it["answer"], "plain") for it in items]
-        logp, mask = common.token_logprobs(b, items, "plain", targets, device)
+        targets = [common.target_ids(lm, it["answer"], "plain") for it in items]
+        logp, mask = common.token_logprobs(lm, items, "plain", targets, device)
         loss = sft_loss(logp, mask, mask.sum())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(b.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == args.steps:
-            accs = {n: common.evaluate_task(b, val[n], "plain", device)[0] for n in BUILTIN}
-            b.model.train()
+            accs = {n: common.evaluate_task(lm, val[n], "plain", device)[0] for n in BUILTIN}
+            lm.model.train()
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:6.0f} s  val acc " +
                   " ".join(f"{n} {100 * a:.0f}%" for n, a in accs.items()), flush=True)
-    b.model.eval()
-    b.model.generation_config.pad_token_id = b.pad_id
-    b.model.generation_config.eos_token_id = b.eos_id
-    common.save_checkpoint(b, args.out)
+    lm.model.eval()
+    lm.saved_generation_config.pad_token_id = lm.pad_id
+    lm.saved_generation_config.eos_token_id = lm.eos_id
+    common.save_checkpoint(lm, args.out)
     print(f"saved {args.out} ({sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)) / 1e6:.1f}"
           f" MB) after {time.time() - t0:.0f} s")
-    b = common.load_model(args.out, device)  # report on what was saved, through the normal loading path
+    lm = common.load_model(args.out, device)  # report on what was saved, through the normal loading path
     print(f"test accuracy, {args.eval_n} items per task, greedy:")
     for n in BUILTIN:
-        acc, rew = common.evaluate_task(b, builtin_items(n, "test", args.eval_n), "plain", device)
+        acc, rew = common.evaluate_task(lm, builtin_items(n, "test", args.eval_n), "plain", device)
         print(f"  {n:11s} {'general' if n in GENERAL else 'CPT':8s} accuracy {100 * acc:5.1f}%   mean reward {rew:.3f}")
 
 
