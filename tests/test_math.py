@@ -239,3 +239,35 @@ def test_equal_chunks_pad_a_short_rank_with_stand_ins(monkeypatch):
     monkeypatch.setattr(common, "all_max", lambda value, device: max(value, 4))
     assert list(common.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0))[3:] == [([0], False)]
     assert list(common.equal_chunks([], 2, "cpu", 9)) == [([9], False)] * 4
+
+
+# ----------------------------------------------------------------------------- pooling runs as seeds
+
+def _run(seed=0, rows=3, **cfg):
+    config = {"script": "sft", "multitask": False, "tasks": ["a", "b"], "lr": 3e-5, "steps": 60, "seed": seed,
+              "world": 1, **cfg}
+    return {"config": config, "rows": ["base", "a", "b"][:rows], "acc": [[0.5, 0.5, 1.0]] * rows,
+            "columns": ["a", "b", "g"], "n_tasks": 2, "stages": 2, "complete": rows == 3, "path": f"r{seed}"}
+
+
+def test_runs_pool_as_seeds_only_when_their_commands_are_equal():
+    from evaluate import group_runs
+    groups = group_runs([_run(0), _run(1), _run(2, steps=30), _run(3, eval_n=100), _run(4, world=2)])
+    sizes = {name: [r["config"]["seed"] for r in rs] for name, rs in groups.items()}
+    # seeds 0, 1 and the 2-process seed 4 are one setting; other steps or eval_n are other settings, named as such
+    assert sorted(sizes.values()) == [[0, 1, 4], [2], [3]]
+    assert any("steps=30" in n for n in sizes) and any("eval_n=100" in n for n in sizes)
+
+
+def test_a_run_that_stopped_early_is_left_out_of_the_report(tmp_path, capsys):
+    import json
+    import os
+    from evaluate import report
+    for name, rows in (("done", 3), ("stopped", 2)):
+        os.makedirs(tmp_path / name)
+        r = _run(rows=rows)
+        with open(tmp_path / name / "results.json", "w") as f:
+            json.dump({k: r[k] for k in ("config", "rows", "acc", "columns")}, f)
+    groups = report([str(tmp_path / "done"), str(tmp_path / "stopped")], None)
+    assert [len(rs) for rs in groups.values()] == [1]
+    assert "stopped after 1 of its 2 stage(s)" in capsys.readouterr().out
