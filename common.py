@@ -528,6 +528,55 @@ def evaluate_all(lm, specs, fmt, device, n, batch_size=256, split="test"):
     return acc
 
 
+# ----------------------------------------------------------------------------- 7b. distance from the base, knowledge held
+# Forgetting follows how far training pulls the model's outputs from the base's own on the new task's inputs (the
+# forward KL, RL's Razor): measured after every stage, next to a continuous reading of the general tasks.
+
+@torch.no_grad()
+def sequence_logprobs(lm, pairs, fmt, device, filler, batch_size=64):
+    """log pi(completion | prompt), summed over the completion, of this rank's (item, completion ids) pairs; every
+    rank runs the same forwards (`filler`: the stand-in pair of a rank that has run out)."""
+    out = []
+    for chunk, real in equal_chunks(pairs, batch_size, device, filler):
+        logp, mask = token_logprobs(lm, [it for it, _ in chunk], fmt, [c for _, c in chunk], device)
+        out += (logp * mask).sum(1).tolist() if real else []
+    return out
+
+
+def kl_estimate(base_logp, now_logp):
+    """Monte-Carlo forward KL(pi_base || pi) in nats per prompt: the mean over completions sampled from the base of
+    log pi_base(y|x) - log pi(y|x). Unbiased over whole completions (any length); 0 for the base itself."""
+    return sum(b - n for b, n in zip(base_logp, now_logp)) / len(base_logp)
+
+
+def sample_base(lm, items, fmt, n_samples, max_new_tokens, device, batch_size=256):
+    """n_samples completions per item (this rank's share) from the model as it is (the base), at temperature 1,
+    with their summed log-probs: the reference that kl_to_base compares every later model with."""
+    mine = items[rank()::world()]
+    table = rollout(lm, mine, fmt, n_samples, 1.0, max_new_tokens, device, batch_size) if mine else []
+    pairs = [(i, c) for i, row in zip(range(rank(), len(items), world()), table) for c in row["completions"]]
+    logps = sequence_logprobs(lm, [(items[i], c) for i, c in pairs], fmt, device, (items[0], [lm.eos_id]))
+    return [[i, c, lp] for (i, c), lp in zip(pairs, logps)]
+
+
+def kl_to_base(lm, items, samples, fmt, device):
+    """The forward KL from the base to the current model on `items`, estimated on the base's own samples (summed
+    over ranks)."""
+    now = sequence_logprobs(lm, [(items[i], c) for i, c, _ in samples], fmt, device, (items[0], [lm.eos_id]))
+    total, n = all_sum([sum(lp - x for (_, _, lp), x in zip(samples, now)), len(samples)], device)
+    return total / n if n else None
+
+
+@torch.no_grad()
+def gold_loglik(lm, items, fmt, device, batch_size=64):
+    """Mean log-likelihood (nats per item) of the gold answers as SFT would write them: a continuous reading of a
+    skill, which moves before greedy accuracy flips."""
+    pairs = [(it, target_ids(lm, it["answer"], fmt)) for it in items[rank()::world()]]
+    logps = sequence_logprobs(lm, pairs, fmt, device, (items[0], [lm.eos_id]), batch_size)
+    total, n = all_sum([sum(logps), len(logps)], device)
+    return total / n
+
+
 # ----------------------------------------------------------------------------- 8. FSDP2 and checkpoints
 
 def shard_model(model, device):
@@ -610,6 +659,8 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     g.add_argument("--eval_split", default="test", choices=["test", "val"], help="val: for tuning settings")
     g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size (128: fastest per item on a CPU core)")
     g.add_argument("--keep_stages", action="store_true", help="keep every stage's checkpoint, not only the last")
+    g.add_argument("--kl_n", type=int, default=100, help="prompts per CPT task for the KL to the base (0: off)")
+    g.add_argument("--kl_samples", type=int, default=4, help="base samples per prompt for the KL estimate")
     g = p.add_argument_group("optimisation (per stage)")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps per stage (x tasks with --multitask)")
     g.add_argument("--batch_size", type=int, default=batch_size, help="items (SFT) or prompts (GRPO) per step, global")
@@ -630,7 +681,9 @@ def input_errors(args, positive=(), at_least_two=()):
     written: numbers out of range, a task named twice, a task file with a bad line (file:line) or too few lines to
     hold out items, an image task for a text-only model. `positive` / `at_least_two`: the script's own flags."""
     errors = []
-    for name in ("steps", "batch_size", "micro_batch", "eval_n", "eval_batch") + tuple(positive):
+    if args.kl_n < 0:
+        errors.append(f"--kl_n {args.kl_n}: must be 0 (off) or more")
+    for name in ("steps", "batch_size", "micro_batch", "eval_n", "eval_batch", "kl_samples") + tuple(positive):
         if getattr(args, name) < 1:
             errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
     for name in at_least_two:
@@ -716,16 +769,32 @@ def run_cpt(args, script, train_stage):
         print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(lm, specs).items()))
     if is_dist():
         shard_model(lm.model, device)
+    kl_items = {t: eval_items(t, args.eval_n, args.eval_split)[:args.kl_n] for t in args.tasks}
+    kl_items = {t: v for t, v in kl_items.items() if v and (lm.is_vlm or not any(it["images"] for it in v))}
+    samples_path = os.path.join(out, f"base-samples-rank{rank_}.json")
+    samples = None
     if not res["rows"]:
         seed_all(args.seed, "eval")
         acc = cached_base_row(args.model, specs, args, str(device), lambda: evaluate_all(
             lm, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split))
         res["rows"].append("base")
         res["acc"].append([acc[c] for c in columns])
+        seed_all(args.seed, "kl")
+        samples = {t: sample_base(lm, v, args.format, args.kl_samples, max_tokens(args.format), device)
+                   for t, v in kl_items.items()}
+        res["kl_to_base"] = [[0.0 if t in kl_items else None for t in args.tasks]]
+        res["general_ll"] = [general_loglik(lm, args, device)]
         print0(format_row("base", acc, columns))
+    elif os.path.exists(samples_path):
+        with open(samples_path) as f:
+            samples = json.load(f)
     if rank_ == 0:  # the folder appears only once there is something to keep in it
         os.makedirs(out, exist_ok=True)
         write_json(res_path, res)
+    if is_dist():
+        dist.barrier()
+    if samples is not None and not os.path.exists(samples_path):
+        write_json(samples_path, samples)
     log = Log(os.path.join(out, "log.jsonl"))
     if rank_ == 0:  # keep only the finished stages' lines: a killed stage is rerun from its start
         keep_lines = [x for x in open(log.path)] if os.path.exists(log.path) and done else []
@@ -754,6 +823,10 @@ def run_cpt(args, script, train_stage):
         res["rows"].append(name)
         res["acc"].append([acc[c] for c in columns])
         res["stage_seconds"].append(round(train_s, 2))
+        if samples is not None and "kl_to_base" in res:
+            res["kl_to_base"].append([round(kl_to_base(lm, kl_items[t], samples[t], args.format, device), 6)
+                                      if t in samples else None for t in args.tasks])
+            res["general_ll"].append(general_loglik(lm, args, device))
         if rank_ == 0:
             write_json(res_path, res)
             if not args.keep_stages and k > 1:
@@ -762,6 +835,16 @@ def run_cpt(args, script, train_stage):
     print0(f"results: {res_path}")
     cleanup()
     return res
+
+
+def general_loglik(lm, args, device):
+    """[mean gold log-likelihood of each general task] (None for an image task on a text-only model)."""
+    out = []
+    for spec in args.general:
+        items = eval_items(spec, args.eval_n, args.eval_split)
+        ok = lm.is_vlm or not any(it["images"] for it in items)
+        out.append(round(gold_loglik(lm, items, args.format, device), 5) if ok else None)
+    return out
 
 
 def cached_base_row(model, specs, args, device, compute):

@@ -29,6 +29,7 @@ After each stage the model is evaluated on every task and on the held-out genera
 import argparse
 import math
 import time
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm import tqdm
@@ -39,6 +40,29 @@ from data.tasks import Stream
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
 STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
+
+
+@dataclass
+class GRPOConfig:
+    """The settings one GRPO step reads (the CLI flags of the same names); defaults are the script's."""
+    format: str = "plain"
+    group: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    gen_batch: int = 256
+    adv: str = "grpo"
+    loss_agg: str = "token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    ppo_epochs: int = 1
+    kl_coef: float = 0.0
+    skip_zero_var: bool = False
+    micro_batch: int = 64
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -99,7 +123,7 @@ def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
 # ----------------------------------------------------------------------------- one GRPO step
 
 def grpo_step(lm, ref, opt, items, args, device, probe=None):
-    """Rollout, advantages and the update on this rank's prompts; returns the step's metrics."""
+    """Rollout, advantages and the update on this rank's prompts (args: a GRPOConfig); returns the step's metrics."""
     t0 = time.time()
     table = common.rollout(lm, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
                            args.gen_batch)
@@ -238,6 +262,8 @@ def main(argv=None):
     common.refuse(common.input_errors(args, positive=("max_new_tokens", "gen_batch", "ppo_epochs", "rif_k"),
                                       at_least_two=("group",)))
 
+    grpo = GRPOConfig.from_args(args)
+
     def train_stage(lm, specs, stage, log):
         device = next(lm.model.parameters()).device
         ref = None
@@ -255,7 +281,7 @@ def main(argv=None):
         lm.model.train()
         for step in tqdm(range(steps), desc=f"grpo stage {stage}", disable=common.rank() != 0):
             items = stream.next_slice(args.batch_size, common.rank(), common.world())
-            m = grpo_step(lm, ref, opt, items, args, device, probe)
+            m = grpo_step(lm, ref, opt, items, grpo, device, probe)
             log(stage=stage, step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
 
     def rif_stream(lm, stream, steps, stage, log, device):

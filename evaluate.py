@@ -10,6 +10,8 @@ With T CPT tasks and A[t][j] written 1-based (task j is learned at stage j):
   FWT        = mean_{j>1} ( A[j-1][j] - A[0][j] )                 forward transfer: before learning minus base
   Gain       = mean_j ( A[j][j] - A[0][j] )                       plasticity: right-after-learning minus base
   Retention  = mean_g ( A[T][g] - A[0][g] )                       general tasks g: last row minus base row
+  KL         = mean_j KL_T[j]        the forward KL(base || final model) on CPT task j's prompts, nats (RL's Razor)
+  GenLL      = mean_g ( LL_T[g] - LL_0[g] )   change of the general tasks' gold-answer log-likelihood, nats per item
 A multi-task run has one stage ("multitask"): AvgAcc, Gain (A[1][j] - A[0][j]) and Retention apply; FM, BWT and
 FWT do not. All numbers are in accuracy points (percent). Runs that differ only by --seed are shown as mean +- std
 (sample std over seeds).
@@ -55,6 +57,32 @@ def metrics(acc, n_tasks):
     else:
         m.update(FM=None, BWT=None, FWT=None, Gain=_mean([A[1][j] - A[0][j] for j in range(n_tasks)]))
     return m
+
+
+def distance_metrics(res):
+    """KL to the base after the last stage (mean over the CPT tasks) and the change of the general tasks' gold
+    log-likelihood, from results.json's "kl_to_base" and "general_ll" rows (None when the run has none)."""
+    kl = res.get("kl_to_base") or [[]]
+    ll = res.get("general_ll") or [[]]
+    d = [b - a for a, b in zip(ll[0], ll[-1]) if a is not None and b is not None] if len(ll) > 1 else []
+    return {"KL": _mean([x for x in kl[-1] if x is not None]) if len(kl) > 1 else None, "GenLL": _mean(d)}
+
+
+def linear_fit(xs, ys):
+    """Least-squares line y = a + b x and its R^2 = 1 - SS_res / SS_tot; None when x or y is constant or there are
+    fewer than 3 points."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, 1 - ss_res / syy
 
 
 def mean_std(values):
@@ -141,35 +169,38 @@ def group_runs(runs):
 
 # ----------------------------------------------------------------------------- report
 
-KEYS = ("AvgAcc", "FM", "BWT", "FWT", "Gain", "Retention")
+KEYS = ("AvgAcc", "FM", "BWT", "FWT", "Gain", "Retention", "KL", "GenLL")
 
 
 def summary(groups):
     """Per group: {metric: (mean, std)}, plus the mean last row per column."""
     out = {}
     for name, runs in groups.items():
-        ms = [metrics(r["acc"], r["n_tasks"]) for r in runs]
+        ms = [{**metrics(r["acc"], r["n_tasks"]), **distance_metrics(r)} for r in runs]
         out[name] = {k: mean_std([m[k] for m in ms]) for k in KEYS}
         out[name]["seeds"] = len(runs)
     return out
 
 
-def fmt_ms(ms):
+def fmt_ms(ms, digits=1):
     m, s = ms
     if m is None:
         return "—"
-    return f"{m:+.1f} ± {s:.1f}" if s else f"{m:+.1f}"
+    return f"{m:+.{digits}f} ± {s:.{digits}f}" if s else f"{m:+.{digits}f}"
 
 
 def markdown(groups):
     summ = summary(groups)
     lines = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for name, s in summ.items():
-        cells = [fmt_ms(s[k]).lstrip("+") if k == "AvgAcc" else fmt_ms(s[k]) for k in KEYS]
+        cells = [fmt_ms(s[k]).lstrip("+") if k == "AvgAcc" else fmt_ms(s[k], 3 if k in ("KL", "GenLL") else 1)
+                 for k in KEYS]
         lines.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", "Points of accuracy (%). AvgAcc: final accuracy on the CPT tasks; FM: P1's forgetting (<= 0); "
               "BWT/FWT: backward/forward transfer; Gain: new-task gain right after learning; Retention: general "
-              "tasks, last minus base.", ""]
+              "tasks, last minus base. KL: forward KL(base || final model) on the CPT tasks' prompts, nats per "
+              "prompt, estimated on the base's own samples; GenLL: change of the general tasks' gold-answer "
+              "log-likelihood, nats per item.", ""]
     diag = [(name, variance_diagnostic([row for r in runs for row in r["log"]])) for name, runs in groups.items()]
     diag = [(n, d) for n, d in diag if d["steps"]]
     if diag:
@@ -332,6 +363,63 @@ def frontier(groups, path):
     img.save(path)
 
 
+def kl_points(runs):
+    """(KL, Retention, FM, script) per run that recorded a KL: the mechanism's data, one point per run."""
+    pts = []
+    for r in runs:
+        d, m = distance_metrics(r), metrics(r["acc"], r["n_tasks"])
+        if d["KL"] is not None:
+            pts.append((d["KL"], m["Retention"], m["FM"], r["config"]["script"]))
+    return pts
+
+
+def kl_picture(runs, path):
+    """Forgetting (general retention, and FM) against the forward KL to the base, one point per run, with the
+    least-squares line and its R^2."""
+    pts = kl_points(runs)
+    if len(pts) < 3:
+        return None
+    f, fb = _font(12), _font(14)
+    img = Image.new("RGB", (1000, 520), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), "forgetting against the forward KL(base || model) on the CPT tasks' prompts; one point per run",
+           fill="black", font=fb)
+    xs = [p[0] for p in pts]
+    xmin, xmax = min(0.0, min(xs)), max(xs) * 1.05 + 1e-9
+    fits = {}
+    for panel, (col, key, ylab) in enumerate([(1, "Retention", "general-task retention (points)"),
+                                              (2, "FM", "forgetting FM (points)")]):
+        sub = [(p[0], p[col], p[3]) for p in pts if p[col] is not None]
+        if not sub:
+            continue
+        ys = [y for _, y, _ in sub]
+        ymin, ymax = min(min(ys), 0.0) - 2, max(max(ys), 0.0) + 2
+        box = (70 + panel * 490, 60, 460 + panel * 490, 420)
+        sx = lambda x: box[0] + (x - xmin) / (xmax - xmin) * (box[2] - box[0])  # noqa: E731
+        sy = lambda y: box[3] - (y - ymin) / (ymax - ymin) * (box[3] - box[1])  # noqa: E731
+        d.rectangle(box, outline="black")
+        d.line([box[0], sy(0), box[2], sy(0)], fill=(210, 210, 210))
+        for t in range(5):
+            yv, xv = ymin + t * (ymax - ymin) / 4, xmin + t * (xmax - xmin) / 4
+            d.text((box[0] - 6, sy(yv)), f"{yv:.0f}", fill="black", font=f, anchor="rm")
+            d.text((sx(xv), box[3] + 6), f"{xv:.2f}", fill="black", font=f, anchor="ma")
+        fit = linear_fit([x for x, _, _ in sub], ys)
+        fits[key] = fit
+        if fit:
+            a, b, r2 = fit
+            d.line([sx(xmin), sy(a + b * xmin), sx(xmax), sy(a + b * xmax)], fill=(120, 120, 120), width=2)
+        title = f"{ylab}" + (f"   fit: {fit[0]:+.1f} {fit[1]:+.1f}·KL, R² = {fit[2]:.2f}" if fit else "")
+        d.text((box[0], box[1] - 8), title, fill="black", font=f, anchor="ls")
+        for x, y, script in sub:
+            col_ = PALETTE[0] if script == "sft" else PALETTE[1]
+            d.ellipse([sx(x) - 5, sy(y) - 5, sx(x) + 5, sy(y) + 5], fill=col_)
+        d.text(((box[0] + box[2]) / 2, box[3] + 24), "KL to the base (nats per prompt)", fill="black", font=f,
+               anchor="ma")
+    d.text((70, 480), f"blue: SFT   red: RFT   ({len(pts)} runs)", fill="black", font=f)
+    img.save(path)
+    return fits
+
+
 def report(paths, out, do_frontier=False):
     runs = [load_run(p) for p in paths]
     for r in runs:
@@ -356,6 +444,14 @@ def report(paths, out, do_frontier=False):
         if do_frontier:
             frontier(groups, os.path.join(out, "frontier.png"))
             pictures.append("frontier.png")
+        fits = kl_picture(runs, os.path.join(out, "kl.png"))
+        if fits is not None:
+            pictures.append("kl.png")
+            for key, fit in fits.items():
+                line = f"{key} against KL over {len(kl_points(runs))} runs: " + (
+                    f"{fit[0]:+.2f} {fit[1]:+.2f} x KL, R^2 = {fit[2]:.2f}" if fit else "no fit (constant)")
+                print(line)
+                md += "\n" + line + "\n"
         text = md + "\n" + "\n".join(f"![{p}]({p})" for p in pictures) + "\n"
         tmp = os.path.join(out, "report.md.tmp")
         with open(tmp, "w") as fh:

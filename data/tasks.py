@@ -151,9 +151,78 @@ def gen_jigsaw(rng, grid=2):
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "side": ["left", "right"], "left_color": list(COLORS),
               "right_shape": list(SHAPES), "top_color": list(COLORS)}
 
+# ----------------------------------------------------------------------------- text tasks for a real chat model
+# (compare.sh --real): knowledge a small pretrained chat model already has, and skills it can still learn; read
+# from its sentences with --format free. Capitals without accents or disputed spellings, so that whole-word reading
+# is fair; the capital's country is never one of the candidates, so "Mexico City, Mexico" names one answer.
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "the United Kingdom": "London", "Ireland": "Dublin", "Belgium": "Brussels", "Austria": "Vienna",
+    "Poland": "Warsaw", "the Czech Republic": "Prague", "Hungary": "Budapest", "Greece": "Athens",
+    "Sweden": "Stockholm", "Norway": "Oslo", "Denmark": "Copenhagen", "Finland": "Helsinki", "Iceland": "Reykjavik",
+    "Russia": "Moscow", "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb",
+    "Slovakia": "Bratislava", "Slovenia": "Ljubljana", "Lithuania": "Vilnius", "Latvia": "Riga", "Estonia": "Tallinn",
+    "Belarus": "Minsk", "Albania": "Tirana", "Malta": "Valletta", "Cyprus": "Nicosia", "Japan": "Tokyo",
+    "China": "Beijing", "South Korea": "Seoul", "North Korea": "Pyongyang", "India": "New Delhi",
+    "Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Nepal": "Kathmandu", "Thailand": "Bangkok", "Vietnam": "Hanoi",
+    "Cambodia": "Phnom Penh", "Laos": "Vientiane", "Malaysia": "Kuala Lumpur", "Indonesia": "Jakarta",
+    "the Philippines": "Manila", "Afghanistan": "Kabul", "Iran": "Tehran", "Iraq": "Baghdad", "Syria": "Damascus",
+    "Lebanon": "Beirut", "Jordan": "Amman", "Saudi Arabia": "Riyadh", "Qatar": "Doha", "Oman": "Muscat",
+    "the United Arab Emirates": "Abu Dhabi", "Turkey": "Ankara", "Uzbekistan": "Tashkent", "Georgia": "Tbilisi",
+    "Armenia": "Yerevan", "Azerbaijan": "Baku", "Egypt": "Cairo", "Kenya": "Nairobi", "Ethiopia": "Addis Ababa",
+    "Morocco": "Rabat", "Algeria": "Algiers", "Tunisia": "Tunis", "Libya": "Tripoli", "Sudan": "Khartoum",
+    "Ghana": "Accra", "Senegal": "Dakar", "Nigeria": "Abuja", "Uganda": "Kampala", "Zimbabwe": "Harare",
+    "Zambia": "Lusaka", "Angola": "Luanda", "Mozambique": "Maputo", "Somalia": "Mogadishu", "Rwanda": "Kigali",
+    "Mali": "Bamako", "Niger": "Niamey", "the United States": "Washington", "Canada": "Ottawa",
+    "Mexico": "Mexico City", "Cuba": "Havana", "Jamaica": "Kingston", "Haiti": "Port-au-Prince",
+    "Guatemala": "Guatemala City", "Honduras": "Tegucigalpa", "Nicaragua": "Managua", "Panama": "Panama City",
+    "Venezuela": "Caracas", "Ecuador": "Quito", "Peru": "Lima", "Chile": "Santiago", "Argentina": "Buenos Aires",
+    "Uruguay": "Montevideo", "Australia": "Canberra", "New Zealand": "Wellington", "Fiji": "Suva"}
+CAPITAL_QUESTIONS = ("What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}.")
+
+
+def _enumerated(pairs, salt):
+    """A fixed task of finitely many prompts, shuffled once and split 2/3 test, 1/3 validation (general tasks are
+    never trained on): each split lists distinct prompts, cycled if more are asked for."""
+    pairs = sorted(pairs)
+    random.Random(salt).shuffle(pairs)
+    cut = 2 * len(pairs) // 3
+    return {"test": pairs[:cut], "val": pairs[cut:], "train": pairs[cut:]}
+
+
+CAPITAL_SPLITS = _enumerated([(q.format(c), a) for c, a in CAPITALS.items() for q in CAPITAL_QUESTIONS], "capital")
+
+
+def gen_capital(rng, index=0, split="test"):
+    pairs = CAPITAL_SPLITS[split]
+    problem, answer = pairs[index % len(pairs)]
+    return problem, answer, [], "exact", answer
+
+
+def gen_successor(rng):
+    n = rng.randint(10, 998)
+    return f"What number comes right after {n}?", str(n + 1), [], "number", str(n + 1)
+
+
+def gen_parity(rng):
+    n = rng.randint(10, 999)
+    answer = "even" if n % 2 == 0 else "odd"
+    return f"Is {n} an even or an odd number?", answer, [], "exact", answer
+
+
+def gen_multiply(rng):
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return f"What is {a} times {b}?", str(a * b), [], "number", str(a * b)
+
+
+CANDIDATES.update(capital=sorted(set(CAPITALS.values())), parity=["even", "odd"])
+ENUMERATED = {"capital"}  # generators that take (rng, index, split): a fixed list of distinct prompts
+TEXT = {"capital": gen_capital, "successor": gen_successor, "parity": gen_parity, "multiply": gen_multiply}
+
 GENERAL = {"color": gen_color, "shape": gen_shape, "side": gen_side, "add": gen_add}
 CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "right_shape": gen_right_shape, "top_color": gen_top_color}
-BUILTIN = {**GENERAL, **CPT}
+BUILTIN = {**GENERAL, **CPT, **TEXT}
 DEFAULT_SEQUENCE = list(CPT)
 DEFAULT_GENERAL = list(GENERAL)
 
@@ -164,7 +233,7 @@ def builtin_items(name, split, n, start=0, weak=False):
     out = []
     for i in range(start, start + n):
         rng = random.Random(f"{name}/{SPLIT_OFFSET[split] + i}")
-        problem, answer, images, kind, weak_answer = gen(rng)
+        problem, answer, images, kind, weak_answer = gen(rng, i, split) if name in ENUMERATED else gen(rng)
         out.append({"problem": problem, "answer": weak_answer if weak else answer, "images": images, "kind": kind,
                     "candidates": CANDIDATES.get(name, [])})
     return out

@@ -118,11 +118,8 @@ def main():
                   f"{tokens * world / dt:,.0f} tokens/s" + (f", MFU {100 * mfu(flops, dt, peak, world):.1f}%"
                                                              if peak else ", MFU n/a (no known GPU peak)"))
     # GRPO: rollout (generate G per prompt) + one update on all G x batch sequences
-    from argparse import Namespace
-    from cpt_rft import grpo_update
-    args = Namespace(micro_batch=a.batch, ppo_epochs=1, clip_low=0.2, clip_high=0.3, kl_coef=0.0,
-                     loss_agg="token_mean", max_new_tokens=a.max_new_tokens, temperature=1.0, grad_clip=1.0,
-                     format="plain")
+    from cpt_rft import GRPOConfig, grpo_update
+    args = GRPOConfig(micro_batch=a.batch, max_new_tokens=a.max_new_tokens)
     prompts = items[:max(1, a.batch // a.group)]
     t_roll = t_upd = gen = 0
     for step in range(a.steps + 1):

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from cpt_rft import grpo_update  # noqa: E402
+from cpt_rft import GRPOConfig, grpo_update  # noqa: E402
 from cpt_sft import sft_step  # noqa: E402
 from data.tasks import builtin_items  # noqa: E402
 
@@ -61,8 +61,7 @@ def main():
         loss, _, _ = sft_step(b, opt, mine, "plain", 1, device, uneven[0])
         losses.append(loss)
     # GRPO: fixed "rollouts" (varied lengths) and advantages, 2 updates, with a KL term to a reference
-    args = argparse.Namespace(micro_batch=3, ppo_epochs=2, clip_low=0.2, clip_high=0.3, kl_coef=0.05,
-                              loss_agg=a.loss_agg, max_new_tokens=8, temperature=1.0, grad_clip=1.0, format="plain")
+    args = GRPOConfig(micro_batch=3, ppo_epochs=2, kl_coef=0.05, loss_agg=a.loss_agg, max_new_tokens=8)
     ref = common.load_model(common.DEFAULT_MODEL, device)
     if common.is_dist():
         common.shard_model(ref.model, device)

@@ -69,7 +69,6 @@ def test_torchrun_scripts_with_uneven_work_finish(tmp_path):
     rollouts), RIF (different kept counts), ReMax (silent groups judged against the greedy baseline), a KL term with
     a reference model, and checkpoints. A hang fails by timeout. Gold SFT is deterministic: its accuracy matrix
     equals one process's."""
-    import json  # noqa: F401
     one, _ = _script(tmp_path, "sft1", "cpt_sft.py", 0)
     two, r = _script(tmp_path, "sft2", "cpt_sft.py", 2)
     assert one["acc"] == two["acc"] and two["config"]["world"] == 2

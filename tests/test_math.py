@@ -271,3 +271,34 @@ def test_a_run_that_stopped_early_is_left_out_of_the_report(tmp_path, capsys):
     groups = report([str(tmp_path / "done"), str(tmp_path / "stopped")], None)
     assert [len(rs) for rs in groups.values()] == [1]
     assert "stopped after 1 of its 2 stage(s)" in capsys.readouterr().out
+
+
+def test_linear_fit_by_hand():
+    from evaluate import linear_fit
+    a, b, r2 = linear_fit([0, 1, 2], [1, 3, 5])          # exactly y = 1 + 2x
+    assert (a, b, r2) == (pytest.approx(1), pytest.approx(2), pytest.approx(1))
+    # x = 0,1,2,3; y = 0,2,1,3: mean x 1.5, mean y 1.5; sxy = 4, sxx = 5 -> b = 0.8, a = 0.3;
+    # residuals -0.3, 0.9, -0.9, 0.3 -> SS_res 1.8; SS_tot 5 -> R^2 = 0.64
+    a, b, r2 = linear_fit([0, 1, 2, 3], [0, 2, 1, 3])
+    assert (a, b, r2) == (pytest.approx(0.3), pytest.approx(0.8), pytest.approx(0.64))
+    assert linear_fit([1, 1, 1], [1, 2, 3]) is None and linear_fit([1, 2], [1, 2]) is None
+
+
+def test_kl_estimate_against_a_three_token_distribution_by_hand():
+    # base p = (1/2, 1/4, 1/4), model q = (1/4, 1/2, 1/4): KL(p||q) = 1/2 ln 2 + 1/4 ln(1/2) + 0 = 1/4 ln 2
+    p, q = [0.5, 0.25, 0.25], [0.25, 0.5, 0.25]
+    exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert exact == pytest.approx(0.25 * math.log(2))
+    # samples drawn from the base in exact proportion (4 draws: token 0 twice, 1 once, 2 once): the estimate is exact
+    draws = [0, 0, 1, 2]
+    est = common.kl_estimate([math.log(p[t]) for t in draws], [math.log(q[t]) for t in draws])
+    assert est == pytest.approx(exact)
+    assert common.kl_estimate([-1.0, -2.0], [-1.0, -2.0]) == 0.0       # the base against itself
+
+
+def test_distance_metrics_read_results_rows():
+    from evaluate import distance_metrics
+    res = {"kl_to_base": [[0.0, 0.0], [0.2, None], [0.4, 0.2]], "general_ll": [[-1.0, -2.0], [-1.5, -2.0], [-2.0, -2.5]]}
+    d = distance_metrics(res)
+    assert d["KL"] == pytest.approx(0.3) and d["GenLL"] == pytest.approx((-1.0 - 0.5) / 2)
+    assert distance_metrics({}) == {"KL": None, "GenLL": None}

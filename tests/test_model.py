@@ -166,10 +166,8 @@ class Capture:  # an optimizer that keeps the gradient instead of stepping
 
 
 def _grpo_args(agg="token_mean", **kw):
-    from types import SimpleNamespace
-    return SimpleNamespace(**{**dict(micro_batch=64, ppo_epochs=1, kl_coef=0.0, clip_low=0.2, clip_high=0.3,
-                                     loss_agg=agg, max_new_tokens=16, format="plain", temperature=1.0,
-                                     grad_clip=1e9), **kw})
+    from cpt_rft import GRPOConfig
+    return GRPOConfig(loss_agg=agg, grad_clip=1e9, **kw)
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "dr_grpo"])
@@ -239,3 +237,20 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path):
     assert leaked != clean
     common.save_checkpoint(lm, str(tmp_path / "again"))
     assert GenerationConfig.from_pretrained(str(tmp_path / "again")).repetition_penalty == 1e4
+
+
+def test_kl_to_base_is_zero_for_the_base_and_grows_when_the_model_moves():
+    items = builtin_items("left_color", "test", 6)
+    torch.manual_seed(0)
+    samples = common.sample_base(B, items, "plain", 3, 8, "cpu")
+    assert len(samples) == 18 and all(lp < 0 for _, _, lp in samples)
+    assert common.kl_to_base(B, items, samples, "plain", "cpu") == pytest.approx(0.0, abs=1e-6)
+    moved = common.load_model(common.DEFAULT_MODEL, "cpu")
+    with torch.no_grad():
+        moved.model.lm_head.weight.add_(0.5 * torch.randn_like(moved.model.lm_head.weight))
+    assert common.kl_to_base(moved, items, samples, "plain", "cpu") > 0.05
+    # the gold log-likelihood is the mean over items of the summed log-probs of the SFT target
+    ll = common.gold_loglik(B, items, "plain", "cpu")
+    logp, mask = common.token_logprobs(B, items, "plain", [common.target_ids(B, it["answer"], "plain")
+                                                            for it in items], "cpu")
+    assert ll == pytest.approx(float((logp * mask).sum() / len(items)), rel=1e-5) and ll < 0

@@ -5,7 +5,6 @@ reason, where the optional extras (requirements-real.txt and the wheel) are not 
 import importlib.util
 import os
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,10 +45,8 @@ def test_free_text_answers_of_a_real_chat_model(smol):
 
 
 def test_one_grpo_step_on_a_real_chat_model_has_a_correctness_signal(smol):
-    from cpt_rft import grpo_step
-    args = SimpleNamespace(format="free", group=4, temperature=1.0, max_new_tokens=24, gen_batch=64, adv="grpo",
-                           skip_zero_var=False, kl_coef=0.0, micro_batch=16, ppo_epochs=1, clip_low=0.2,
-                           clip_high=0.3, loss_agg="token_mean", grad_clip=1.0)
+    from cpt_rft import GRPOConfig, grpo_step
+    args = GRPOConfig(format="free", group=4, max_new_tokens=24, micro_batch=16)
     opt = torch.optim.AdamW(smol.model.parameters(), lr=1e-6)
     smol.model.train()
     m = grpo_step(smol, None, opt, builtin_items("add", "train", 4), args, "cpu")
