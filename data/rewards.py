@@ -11,7 +11,7 @@ A completion is scored in two steps:
   2. compare it with the gold answer using the task's verifier *kind*:
        exact  : equal after normalisation (case, unicode, spaces, punctuation, leading article)
        choice : multiple-choice letter, "B", "(B)", "B." or "B) text" all read as B
-       number : the whole answer parses as a number, equal within a relative tolerance
+       number : the whole answer parses as a number, equal up to float rounding (NUMBER_REL_TOL)
        perm   : a placement "2 4 1 3" of n tiles; partial credit = fraction of positions right (P2 jigsaw); a
                 placement with repeats ("2 1 1 4") is scored position by position but can never be all right,
                 and a constant guess ("1 1 1 1") gets exactly 1/n, what a random permutation gets on average
@@ -225,7 +225,10 @@ def perm_credit(pred, gold):
     return right + (1.0 if right == 1.0 else 0.0)
 
 
-def verify(answer, gold, kind="exact", rel_tol=1e-2):
+NUMBER_REL_TOL = 1e-6  # "8.0" is 8 and "1,024" is 1024, but 318 is not 319: a 1 % tolerance passed off-by-one answers
+
+
+def verify(answer, gold, kind="exact", rel_tol=NUMBER_REL_TOL):
     """(correct, accuracy) of an extracted answer against the gold answer string."""
     if answer is None:
         return False, 0.0

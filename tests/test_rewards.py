@@ -81,8 +81,12 @@ def test_parse_number(s, x):
 
 
 def test_number_tolerance():
-    assert verify("10.05", "10", "number") == (True, 1.0)          # within 1 % relative
-    assert verify("10.2", "10", "number") == (False, 0.0)
+    assert verify("10.0", "10", "number") == (True, 1.0)           # the same number written otherwise
+    assert verify("1,024", "1024", "number") == (True, 1.0)
+    assert verify("0.30000000000000004", "0.3", "number") == (True, 1.0)   # float rounding
+    assert verify("10.05", "10", "number") == (False, 0.0)         # a 1 % tolerance would pass it
+    assert verify("318", "319", "number") == (False, 0.0)          # off by one (a real model's reply, read as right
+    assert verify("10.2", "10", "number") == (False, 0.0)          # under the old 1 % tolerance)
     assert verify("0", "0", "number") == (True, 1.0)
     assert verify("1e-12", "0", "number") == (True, 1.0)           # absolute tolerance at zero
     assert verify("ten", "10", "number") == (False, 0.0)
