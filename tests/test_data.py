@@ -14,7 +14,7 @@ def test_builtin_tasks_are_deterministic_and_splits_disjoint():
         assert [x["answer"] for x in a] == [x["answer"] for x in b]
         assert all(x["images"][0].tobytes() == y["images"][0].tobytes() for x, y in zip(a, b) if x["images"])
         train = builtin_items(name, "train", 5)
-        if name != "add":  # 100 possible sums: collisions are expected there
+        if a[0]["images"]:  # text tasks (add, successor, ...) have few distinct questions: collisions are expected
             assert {x["images"][0].tobytes() for x in train}.isdisjoint({x["images"][0].tobytes() for x in a})
     assert len(GENERAL) >= 3 and len(CPT) >= 4 and "jigsaw" in CPT
 
@@ -143,3 +143,19 @@ def test_stream_slices_one_global_batch_over_ranks():
     whole = Stream(["left_color", "add"], 7).next(6)
     parts = [Stream(["left_color", "add"], 7).next_slice(6, r, 3) for r in range(3)]
     assert [it["problem"] for p in parts for it in p] == [it["problem"] for it in whole]
+
+
+def test_text_tasks_for_a_real_chat_model():
+    from data.tasks import CAPITAL_SPLITS, CAPITALS
+    test, val = CAPITAL_SPLITS["test"], CAPITAL_SPLITS["val"]
+    assert len(test) >= 200 and len(set(test)) == len(test) and not set(test) & set(val)   # distinct prompts
+    assert [it["problem"] for it in builtin_items("capital", "test", 3)] == [q for q, _ in test[:3]]
+    capitals = set(CAPITALS.values())
+    assert not capitals & {c.removeprefix("the ") for c in CAPITALS}      # no capital is also a country's name
+    for it in builtin_items("parity", "test", 20):
+        n = int(it["problem"].split()[1])
+        assert it["answer"] == ("even" if n % 2 == 0 else "odd") and it["candidates"] == ["even", "odd"]
+    for it in builtin_items("successor", "test", 20):
+        assert int(it["answer"]) == int(it["problem"].split()[-1].rstrip("?")) + 1 and it["kind"] == "number"
+    assert all(not it["images"] for t in ("capital", "successor", "parity", "multiply")
+               for it in builtin_items(t, "val", 2))
