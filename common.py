@@ -10,7 +10,8 @@ In the order a run uses it:
      out in both, and no sampling setting of the checkpoint's own generation_config
   6. rollouts and the reward-variance filter (RIF-RFT), shared by cpt_rft.py --rif and filter.py
   7. evaluation (greedy) on task test splits
-  8. FSDP2: fully_shard on every decoder / vision block, then the root; full-state-dict checkpoints by rank 0
+  8. FSDP2: fully_shard on every decoder / vision block, then the root (built on the meta device, filled from rank
+     0's copy); full-state-dict checkpoints by rank 0
   9. the continual post-training loop: every input checked, base row, then train stage -> evaluate everything ->
      checkpoint -> results.json
 """
@@ -202,9 +203,10 @@ def is_vlm_config(cfg):
     return getattr(cfg, "vision_config", None) is not None
 
 
-def load_model(path, device, dtype=torch.float32):
+def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     """Load any HF checkpoint folder or .gguf file (dequantised). A config with a vision tower is a VLM (tokenizer
-    + image processor); anything else is a text-only causal LM."""
+    + image processor); anything else is a text-only causal LM. Under torchrun the model comes back FSDP2-sharded,
+    and only rank 0 ever reads (or holds) the whole of it (`_load_sharded`). grad_ckpt: activation checkpointing."""
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     cfg = model_config(path)
     folder, gguf = split_model_path(path)
@@ -213,24 +215,50 @@ def load_model(path, device, dtype=torch.float32):
     tok.padding_side = "left"
     if tok.chat_template is None:
         raise ValueError(f"--model {path}: the tokenizer has no chat template; use a chat/instruct checkpoint")
-    if is_vlm_config(cfg):
-        # The Qwen2.5-VL processor class needs torchvision (for video) even for images, so the tokenizer and
-        # image processor are composed here exactly as the processor does (see `encode`).
-        improc = AutoImageProcessor.from_pretrained(folder)
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, **kw)
+    # The Qwen2.5-VL processor class needs torchvision (for video) even for images, so the tokenizer and image
+    # processor are composed here exactly as the processor does (see `encode`).
+    improc = AutoImageProcessor.from_pretrained(folder) if is_vlm_config(cfg) else None
+    cls = AutoModelForImageTextToText if is_vlm_config(cfg) else AutoModelForCausalLM
+    if is_dist():
+        model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt)
     else:
-        improc = None
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
-    lm = Bundle(model.to(device), tok, improc)
+        model = cls.from_pretrained(folder, dtype=dtype, **kw).to(device)
+        if grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = Bundle(model, tok, improc)
     lm.path = path
     return lm
 
 
-def configure(lm, grad_ckpt=False, min_pixels=None, max_pixels=None):
-    """Apply the memory flags to a loaded bundle: activation checkpointing, and the image processor's pixel bounds
-    (image tokens grow with pixels / 784)."""
+def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
+    """FSDP2 loading without a whole copy per GPU: every rank builds the model on the meta device (no memory) and
+    shards it, then allocates only its own shard on `device`; rank 0 alone reads the checkpoint (into CPU memory)
+    and sends each rank its part. Buffers that are not in the state dict (rotary frequencies) are sent as they
+    are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = cls.from_pretrained(folder, dtype=dtype, **kw) if rank() == 0 else None
+    with torch.device("meta"):
+        model = cls.from_config(cfg, dtype=dtype)
     if grad_ckpt:
-        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _fully_shard_blocks(model, device)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in model.named_buffers():
+        if full is not None:
+            buf.copy_(source[name])
+        dist.broadcast(buf, src=0)
+    if full is not None:
+        model.generation_config = full.generation_config
+    del full
+    _settle_root(model, device)
+    return model
+
+
+def configure(lm, min_pixels=None, max_pixels=None):
+    """The image processor's pixel bounds (image tokens grow with pixels / 784)."""
     if lm.improc is not None and (min_pixels or max_pixels):
         size = dict(lm.improc.size)
         size["shortest_edge"] = min_pixels or size["shortest_edge"]
@@ -579,9 +607,10 @@ def gold_loglik(lm, items, fmt, device, batch_size=64):
 
 # ----------------------------------------------------------------------------- 8. FSDP2 and checkpoints
 
-def shard_model(model, device):
-    """FSDP2: fully_shard every transformer block (text decoder layers and vision blocks, named by the model's
-    own _no_split_modules), then the root. On GPU params are bf16 for compute, gradients reduced in fp32."""
+def _fully_shard_blocks(model, device):
+    """FSDP2: fully_shard every transformer block (text decoder layers and vision blocks, named by the model's own
+    _no_split_modules), the vision tower, then the root. On GPU params are bf16 for compute, gradients reduced in
+    fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # transformers splits the vision tower's output per image (torch.split: views) and only concatenates them, out
     # of place, so FSDP2's warning about in-place ops on returned views does not apply
@@ -598,11 +627,21 @@ def shard_model(model, device):
     if visual is not None:
         fully_shard(visual, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+
+
+def shard_model(model, device):
+    """FSDP2-shard a model already built on every rank (tests/bench.py's random-init shapes); checkpoints go
+    through load_model, which shards without a whole copy per GPU."""
+    _fully_shard_blocks(model, device)
+    _settle_root(model, device)
+    return model
+
+
+def _settle_root(model, device):
     # FSDP2 picks its root on the first forward; make it the whole model's, before generate() calls the tower alone
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its weights gathered after a forward; stale copies would outlive opt.step()
-    return model
 
 
 def full_state_dict(model):
@@ -762,13 +801,11 @@ def run_cpt(args, script, train_stage):
     start = os.path.join(out, f"stage-{done}") if done else args.model
     print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns)}; world size {world_}; device {device}; "
            f"{'resuming after stage ' + str(done) + ' from ' + start if done else 'starting from ' + args.model}")
-    lm = load_model(start, device)
-    configure(lm, args.grad_ckpt, args.min_pixels, args.max_pixels)
+    lm = load_model(start, device, grad_ckpt=args.grad_ckpt)
+    configure(lm, args.min_pixels, args.max_pixels)
     specs = list(args.tasks) + list(args.general)
     if lm.is_vlm:
         print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(lm, specs).items()))
-    if is_dist():
-        shard_model(lm.model, device)
     kl_items = {t: eval_items(t, args.eval_n, args.eval_split)[:args.kl_n] for t in args.tasks}
     kl_items = {t: v for t, v in kl_items.items() if v and (lm.is_vlm or not any(it["images"] for it in v))}
     samples_path = os.path.join(out, f"base-samples-rank{rank_}.json")

@@ -270,8 +270,6 @@ def main(argv=None):
         if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
             ref = common.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
             ref.model.requires_grad_(False).eval()
-            if common.is_dist():
-                common.shard_model(ref.model, device)
         opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
         stream, steps = Stream(specs, (args.seed, stage)), args.steps * len(specs)

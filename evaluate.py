@@ -466,8 +466,6 @@ def evaluate_checkpoint(args):
     _, _, device = common.init_dist()
     common.seed_all(0, "eval")
     lm = common.load_model(args.paths[0], device)
-    if common.is_dist():
-        common.shard_model(lm.model, device)
     for spec in args.tasks:
         items = common.eval_items(spec, args.eval_n)
         if not lm.is_vlm and any(it["images"] for it in items):

@@ -94,8 +94,6 @@ def main(argv=None):
     _, _, device = common.init_dist()
     common.seed_all(args.seed, "filter")
     lm = common.load_model(args.model, device)
-    if common.is_dist():
-        common.shard_model(lm.model, device)
     mine = items[common.rank()::common.world()]
     flags, stats, table = common.filter_items(lm, mine, args.mode, args.format, args.k, args.temperature,
                                               args.max_new_tokens, device, args.gen_batch, args.low, args.high)

@@ -46,10 +46,10 @@ def gpu_peak(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def build(shape, device):
+def build(shape, device, grad_ckpt=False):
     """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer."""
     if shape == "tiny":
-        return common.load_model(common.DEFAULT_MODEL, device)
+        return common.load_model(common.DEFAULT_MODEL, device, grad_ckpt=grad_ckpt)
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
     cfg = AutoConfig.from_pretrained(common.DEFAULT_MODEL)
     s = SHAPES[shape]
@@ -62,7 +62,7 @@ def build(shape, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(cfg)
-    b = common.load_model(common.DEFAULT_MODEL, "cpu")
+    b = common.load_model(common.DEFAULT_MODEL, "cpu")  # its tokenizer and image processor
     b.model = model
     return b
 
@@ -79,10 +79,13 @@ def main():
     p.add_argument("--grad_ckpt", action="store_true")
     a = p.parse_args()
     _, world, device = common.init_dist()
-    b = build(a.shape, device)
-    common.configure(b, a.grad_ckpt, a.image ** 2, a.image ** 2)
-    if common.is_dist():
-        common.shard_model(b.model, device)
+    b = build(a.shape, device, a.grad_ckpt)
+    if a.shape != "tiny":  # the tiny base came through load_model, already sharded and checkpointed as asked
+        if a.grad_ckpt:
+            b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if common.is_dist():
+            common.shard_model(b.model, device)
+    common.configure(b, a.image ** 2, a.image ** 2)
     from PIL import Image
     items = [{"problem": "<image>Describe the picture in detail.", "answer": "x", "kind": "exact",
               "images": [Image.new("RGB", (a.image, a.image), (i * 7 % 255, 90, 160))]} for i in range(a.batch)]

@@ -25,10 +25,16 @@ def main():
     a = p.parse_args()
     torch.use_deterministic_algorithms(True)
     rank, world, device = common.init_dist()
+    # count checkpoint reads per rank: under torchrun only rank 0 may read (and hold) the whole model
+    import transformers
+    reads, read = [0], transformers.AutoModelForImageTextToText.from_pretrained.__func__
+
+    def counting(cls, *args, **kw):
+        reads[0] += 1
+        return read(cls, *args, **kw)
+    transformers.AutoModelForImageTextToText.from_pretrained = classmethod(counting)
     torch.manual_seed(0)
-    b = common.load_model(common.DEFAULT_MODEL, device)
-    if common.is_dist():
-        common.shard_model(b.model, device)
+    b = common.load_model(common.DEFAULT_MODEL, device)   # sharded under torchrun: rank 0 reads, all get a shard
     if a.lengths:
         eos_bias = torch.zeros(b.model.config.text_config.vocab_size)
         eos_bias[b.eos_id] = 50.0 if rank == 0 else -1e9  # rank 0: one token; rank 1: the whole budget
@@ -63,8 +69,6 @@ def main():
     # GRPO: fixed "rollouts" (varied lengths) and advantages, 2 updates, with a KL term to a reference
     args = GRPOConfig(micro_batch=3, ppo_epochs=2, kl_coef=0.05, loss_agg=a.loss_agg, max_new_tokens=8)
     ref = common.load_model(common.DEFAULT_MODEL, device)
-    if common.is_dist():
-        common.shard_model(ref.model, device)
     pool = builtin_items("right_shape", "train", 8)
     seqs = [(it, b.tok(" ".join(["circle"] * (1 + i % 4)))["input_ids"] + [b.eos_id], (-1) ** i * (0.5 + i / 10))
             for i, it in enumerate(pool)]
@@ -79,8 +83,9 @@ def main():
         losses.append(m["grad_norm"])
     sd = common.full_state_dict(b.model)
     common.save_checkpoint(b, os.path.join(a.out, f"ckpt-world{world}"))
+    reads = common.all_sum([reads[0] if r == rank else 0 for r in range(world)], device)
     if rank == 0:
-        torch.save({"losses": losses, "state": sd}, os.path.join(a.out, f"world{world}.pt"))
+        torch.save({"losses": losses, "state": sd, "reads": reads}, os.path.join(a.out, f"world{world}.pt"))
     common.cleanup()
 
 

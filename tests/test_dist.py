@@ -26,6 +26,7 @@ def test_two_ranks_match_one_process(tmp_path, agg):
     _torchrun([str(tmp_path), "--loss_agg", agg], timeout=300)
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     assert len(one["losses"]) == len(two["losses"]) == 8
+    assert one["reads"] == [2] and two["reads"] == [2, 0]   # model and reference: rank 1 never reads the checkpoint
     assert one["losses"][:5] == pytest.approx(two["losses"][:5], abs=1e-5)       # SFT losses, even then uneven
     assert one["losses"][5:] == pytest.approx(two["losses"][5:], rel=1e-4)       # GRPO grad norms, with KL
     # the checkpoint written under FSDP by rank 0 loads back with the gathered weights

@@ -22,9 +22,9 @@ def test_autocast_policy():
 
 
 def test_pixel_flags_change_image_tokens_and_grad_ckpt_runs():
-    b = common.load_model(common.DEFAULT_MODEL, "cpu")
+    b = common.load_model(common.DEFAULT_MODEL, "cpu", grad_ckpt=True)
     assert common.image_tokens(b, ["color"]) == {"color": 9}
-    common.configure(b, grad_ckpt=True, min_pixels=168 * 168, max_pixels=168 * 168)
+    common.configure(b, min_pixels=168 * 168, max_pixels=168 * 168)
     assert common.image_tokens(b, ["color"]) == {"color": 36}   # 84 -> 168 pixels a side: 4x the tokens
     assert b.model.is_gradient_checkpointing
     b.model.train()
