@@ -526,7 +526,7 @@ def eval_items(spec, n, split="test"):
 
 def max_tokens(fmt, plain=16):
     """Greedy evaluation's completion budget: a bare answer is short; free text and reasoning are not."""
-    return {"plain": plain, "free": 32}.get(fmt, 512)
+    return {"plain": plain, "free": 24}.get(fmt, 512)
 
 
 @torch.no_grad()
