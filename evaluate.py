@@ -408,7 +408,7 @@ def kl_picture(runs, path):
         if fit:
             a, b, r2 = fit
             d.line([sx(xmin), sy(a + b * xmin), sx(xmax), sy(a + b * xmax)], fill=(120, 120, 120), width=2)
-        title = f"{ylab}" + (f"   fit: {fit[0]:+.1f} {fit[1]:+.1f}·KL, R² = {fit[2]:.2f}" if fit else "")
+        title = f"{ylab}" + (f"   fit: {fit[0]:+.1f} {fit[1]:+.1f} x KL, R^2 = {fit[2]:.2f}" if fit else "")
         d.text((box[0], box[1] - 8), title, fill="black", font=f, anchor="ls")
         for x, y, script in sub:
             col_ = PALETTE[0] if script == "sft" else PALETTE[1]
