@@ -222,12 +222,22 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     if is_dist():
         model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt)
     else:
-        model = cls.from_pretrained(folder, dtype=dtype, **kw).to(device)
+        model = _plain(cls.from_pretrained(folder, dtype=dtype, **kw)).to(device)
         if grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = Bundle(model, tok, improc)
     lm.path = path
     return lm
+
+
+def _plain(model):
+    """A model loaded from a .gguf file is dequantised to float on load, but transformers keeps marking it as
+    quantized and then refuses to save it: drop the marks, so that stage checkpoints are plain HF folders."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        del model.config.quantization_config
+    return model
 
 
 def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
@@ -236,7 +246,7 @@ def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     and sends each rank its part. Buffers that are not in the state dict (rotary frequencies) are sent as they
     are."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    full = cls.from_pretrained(folder, dtype=dtype, **kw) if rank() == 0 else None
+    full = _plain(cls.from_pretrained(folder, dtype=dtype, **kw)) if rank() == 0 else None
     with torch.device("meta"):
         model = cls.from_config(cfg, dtype=dtype)
     if grad_ckpt:

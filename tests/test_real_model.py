@@ -53,3 +53,15 @@ def test_one_grpo_step_on_a_real_chat_model_has_a_correctness_signal(smol):
     smol.model.eval()
     assert m["accuracy"] > 0 and 0 <= m["silent_groups"] <= 1
     assert m["skipped_step"] or m["grad_norm"] > 0
+
+
+def test_a_stage_checkpoint_of_a_gguf_model_is_a_plain_folder(smol, tmp_path):
+    """GGUF weights are dequantised on load; the stage checkpoint must save (transformers refuses to save a model it
+    still marks as gguf-quantized) and load back as a normal folder with the same log-probs."""
+    common.save_checkpoint(smol, str(tmp_path / "stage-1"))
+    back = common.load_model(str(tmp_path / "stage-1"), "cpu")
+    items = builtin_items("capital", "test", 2)
+    targets = [common.target_ids(smol, it["answer"], "free") for it in items]
+    a, _ = common.token_logprobs(smol, items, "free", targets, "cpu")
+    b, _ = common.token_logprobs(back, items, "free", targets, "cpu")
+    assert torch.equal(a, b)
