@@ -16,6 +16,7 @@ In the order a run uses it:
      checkpoint -> results.json
 """
 import datetime
+import gc
 import hashlib
 import json
 import math
@@ -880,6 +881,10 @@ def run_cpt(args, script, train_stage):
                 shutil.rmtree(os.path.join(out, f"stage-{k - 1}"), ignore_errors=True)
         print0(format_row(name, acc, columns) + f"   (trained {train_s:.1f} s, {peak_memory(device)})")
     print0(f"results: {res_path}")
+    # free the sharded model while its process group still exists: left to interpreter teardown, a gloo rank
+    # sometimes aborted at exit ("terminate called without an active exception")
+    lm.model = None
+    gc.collect()
     cleanup()
     return res
 
