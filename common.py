@@ -449,6 +449,11 @@ def decode(lm, ids):
     return lm.tok.decode([i for i in ids if i != lm.eos_id], skip_special_tokens=False)
 
 
+def score_item(text, item, fmt):
+    """A completion's score against a task item: its gold answer, or any of its valid answers when it has several."""
+    return score(text, item["answer"], item["kind"], fmt, item.get("candidates", ()), item.get("valid", ()))
+
+
 def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=256):
     """K sampled completions per item, scored by the item's verifier. One dict per item:
     completions (token ids), texts, scores (rewards.Score), rewards, truncated flags. Generation runs in chunks
@@ -461,7 +466,7 @@ def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=2
         for i, it in enumerate(chunk if real else []):
             cs, ts = comps[i * k:(i + 1) * k], trunc[i * k:(i + 1) * k]
             texts = [decode(lm, x) for x in cs]
-            scores = [score(t, it["answer"], it["kind"], fmt, it.get("candidates", ())) for t in texts]
+            scores = [score_item(t, it, fmt) for t in texts]
             rewards = [s.reward for s in scores]
             if not all(map(math.isfinite, rewards)):
                 raise Diverged(f"non-finite reward {rewards}")
@@ -548,7 +553,7 @@ def evaluate_task(lm, items, fmt, device, batch_size=256, desc=None):
     for chunk, real in tqdm(chunks, desc=desc, disable=rank() != 0 or desc is None, leave=False):
         comps, _ = generate(lm, chunk, fmt, max_tokens(fmt), greedy=True, device=device)
         for it, c in zip(chunk if real else [], comps):
-            s = score(decode(lm, c), it["answer"], it["kind"], fmt, it.get("candidates", ()))
+            s = score_item(decode(lm, c), it, fmt)
             correct += s.correct
             rew += s.reward
     correct, rew = all_sum([correct, rew], device)

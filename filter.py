@@ -11,8 +11,9 @@ Rewards are compared with a tolerance (common.REWARD_TOL), never with ==: 0.9*1 
 The filter itself (common.keep, common.filter_items) lives in the shared runtime, since cpt_rft.py --rif runs it too;
 this script is its stand-alone front end and adds the data view below.
 --emit correct writes the correct rollouts themselves as an SFT data set (P2's "RFT-simulated rollouts").
-The stats also give P2's data view: the per-token NLL under the model of the gold answers (what SFT would teach),
-of its own rollouts and of its own correct rollouts (P2: SFT forgets more when the first is much higher).
+The stats also give P2's data view: the NLL under the model (per token and per answer) of the gold answers (what
+SFT would teach: on a multi-answer task the canonical one), of its own rollouts and of its own correct rollouts
+(P2: SFT forgets more when the first is much higher).
 cpt_rft.py --rif MODE runs the same filter at the start of every stage with the model that is about to learn.
 
     python filter.py --task left_color --n 256 --mode zero_variance --out runs/filter
@@ -57,8 +58,11 @@ def data_nll(lm, table, fmt, device, batch_size=64):
             logp, mask = common.token_logprobs(lm, [x for x, _ in chunk], fmt, [y for _, y in chunk], device)
             s, n = token_nll(logp, mask)
             nll, tokens = nll + real * s, tokens + real * n
-        nll, tokens = common.all_sum([nll, tokens], device)
+        nll, tokens, answers = common.all_sum([nll, tokens, len(pairs)], device)
         out[f"{name}_nll_per_token"] = round(nll / tokens, 4) if tokens else None
+        # per answer too: a one-word answer is two tokens (the word and the end of turn), and the second is
+        # almost free, so the per-token figure halves a one-word answer's distance
+        out[f"{name}_nll_per_answer"] = round(nll / answers, 4) if answers else None
     return out
 
 
@@ -141,7 +145,7 @@ def _jsonable(item, img_dir, tag, root):
             im.save(pth)
             paths.append(os.path.relpath(pth, root))
     return {"problem": item["problem"], "answer": item["answer"], "images": paths, "kind": item["kind"],
-            **({"gold": item["gold"]} if "gold" in item else {})}
+            **{k: item[k] for k in ("valid", "gold") if k in item}}
 
 
 if __name__ == "__main__":

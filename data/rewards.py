@@ -8,7 +8,8 @@ A completion is scored in two steps:
        free  : read from the model's own words, the way the verifier kind needs (see `read_free`): a real chat
                model answers "The capital of France is Paris.", and whether it obeys a format is not knowledge
      A format violation gives answer None; two boxed answers are a violation (no hedging).
-  2. compare it with the gold answer using the task's verifier *kind*:
+  2. compare it with the gold answer (or, for an item with several valid answers, with each) using the task's
+     verifier *kind*:
        exact  : equal after normalisation (case, unicode, spaces, punctuation, leading article)
        choice : multiple-choice letter, "B", "(B)", "B." or "B) text" all read as B
        number : the whole answer parses as a number, equal up to float rounding (NUMBER_REL_TOL)
@@ -251,13 +252,14 @@ def verify(answer, gold, kind="exact", rel_tol=NUMBER_REL_TOL):
     return ok, float(ok)
 
 
-def score(completion, gold, kind="exact", fmt="plain", candidates=()):
+def score(completion, gold, kind="exact", fmt="plain", candidates=(), valid=()):
     """Score one completion: extraction in format `fmt` (for "free", reading with the task's `candidates`),
-    then the verifier `kind`."""
+    then the verifier `kind`. `valid`: every answer that is right, for an item with several (the gold, which SFT
+    teaches, is one of them); the best of them counts."""
     answer = extract_answer(completion, fmt)
     if fmt == "free":
-        answer = read_free(answer, gold, kind, candidates)
-    correct, acc = verify(answer, gold, kind)
+        answer = read_free(answer, gold, kind, [*valid, *candidates])
+    correct, acc = max((verify(answer, g, kind) for g in (valid or [gold])), key=lambda r: r[1])
     return Score(correct, acc, answer is not None)
 
 

@@ -1,23 +1,30 @@
 """The synthetic task suite (drawn with Pillow, deterministic by seed) and the JSONL loader for user data.
 
 Every built-in image is an 84x84 scene: a grey background and coloured shapes. With Qwen2.5-VL's 14-pixel
-patches and 2x2 merge this is 36 patches -> 9 image tokens, small enough for a 2-core CPU.
+patches and 2x2 merge this is 36 patches -> 9 image tokens, small enough for a 2-core CPU; a 3x3 grid of 28-pixel
+cells is one image token per cell.
 
 General tasks (held out from every CPT stage; the base model masters them; the analogue of MMMU/POPE/MMLU):
-  color       one object                       "What color is the object?"            red|green|blue|yellow
+  color       one object                       "What color is the object?"            8 colours
   shape       one big object                   "What shape is the object?"            circle|square|triangle
   side        one object, left or right half   "Is the object on the left or right?"  left|right
   add         text only                        "What is 3 plus 5?"                    0..18
-CPT tasks (the sequence; the base knows the answer *form* but not the rule, so it scores about chance):
+CPT tasks with several valid answers (the mechanism: an SFT label is one canonical answer, chosen by a fixed rule
+as real annotations are, while RFT may keep any valid answer the model already gives):
+  any_color   2-4 objects in a 3x3 grid        "Name a color in the picture."         any colour present (K = 2-4)
+  circle_cell 5-6 objects in a 3x3 grid        "Name a cell (1-9) with a circle."     any cell holding a circle (K = 2-4)
+    canonical SFT answer: the first valid one in palette / reading order. Instance difficulty: on most of
+    the items (2/3) every object is tiny (radius 3-4 px), and the base was never shown their answers; on the
+    rest one object is big, and the base's habit is to name the biggest (see _habit).
+CPT tasks with a unique answer (K = 1; the control: no SFT-vs-RFT gap is predicted):
   left_color  two objects in diagonal quadrants "What color is the left object?"
   jigsaw      a framed scene cut 2x2, tiles shuffled; answer = where each tile came from, "2 4 1 3" (P2)
-  right_shape the same scenes as left_color     "What shape is the right object?"
-  top_color   the same scenes as left_color     "What color is the top object?"
-The tasks interfere on purpose: left_color, right_shape and top_color share one image distribution, and left_color
-and top_color disagree on half of it; the colour and shape words are the general tasks' answers too; jigsaw answers with digits as `add` does.
+  right_shape, top_color   the left_color scenes asked otherwise (left_color and top_color disagree on half of them)
+The default sequence is any_color, circle_cell, left_color, jigsaw: two multi-answer tasks, the control, P2's jigsaw.
 
-An item is a dict: {"problem": text with one "<image>" per image, "answer": str, "images": [PIL images or
-paths], "kind": verifier kind (see rewards.py)}.
+An item is a dict: {"problem": text with one "<image>" per image, "answer": str (the canonical answer SFT
+teaches), "valid": [every answer the verifier accepts] (multi-answer tasks only), "images": [PIL images or paths],
+"kind": verifier kind (see rewards.py)}.
 """
 import json
 import os
@@ -28,7 +35,8 @@ from PIL import Image, ImageDraw
 from data.rewards import KINDS, guess_kind
 
 SIZE = 84
-COLORS = {"red": (215, 45, 40), "green": (40, 165, 70), "blue": (45, 85, 215), "yellow": (225, 195, 35)}
+COLORS = {"red": (215, 45, 40), "green": (40, 165, 70), "blue": (45, 85, 215), "yellow": (225, 195, 35),
+          "purple": (135, 50, 175), "orange": (245, 135, 20), "pink": (245, 130, 200), "cyan": (40, 205, 215)}
 SHAPES = ("circle", "square", "triangle")
 SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # disjoint seeds per split
 
@@ -74,8 +82,9 @@ def _two_diagonal(rng):
 
 
 # ----------------------------------------------------------------------------- generators
-# Each returns (problem, answer, images, kind, weak_answer): weak_answer is a plausible guess that does not use
-# the task's rule, for the base model's "weak exposure" to CPT tasks (it learns the answer form, not the skill).
+# Each returns (problem, answer, images, kind, weak_answer[, valid answers]): weak_answer is a plausible guess that
+# does not (or not always) use the task's rule, for the base model's "weak exposure" to CPT tasks (it learns the
+# answer form, not the skill).
 
 def gen_color(rng):
     img = _canvas(rng)
@@ -147,9 +156,63 @@ def gen_jigsaw(rng, grid=2):
     return problem, " ".join(str(s + 1) for s in perm), [out], "perm", " ".join(map(str, weak))
 
 
+def _grid_scene(rng, n, tiny):
+    """n objects of distinct colours in distinct cells of a 3x3 grid (cell 1 top left, reading order); all tiny
+    (radius 3-4 px) or of mixed sizes (at least one big). Returns the image and (colour, shape, cell, radius) tuples."""
+    img = _canvas(rng)
+    cells, colors = rng.sample(range(9), n), rng.sample(list(COLORS), n)
+    radii = [rng.randint(3, 4) if tiny else rng.randint(4, 11) for _ in range(n)]
+    if not tiny:
+        radii[rng.randrange(n)] = rng.randint(9, 11)
+    objs = []
+    for cell, color, r in zip(cells, colors, radii):
+        shape = rng.choice(SHAPES)
+        cx = (cell % 3) * 28 + 14 + rng.randint(-(12 - r), 12 - r)
+        cy = (cell // 3) * 28 + 14 + rng.randint(-(12 - r), 12 - r)
+        _draw(img, rng, shape, color, cx, cy, r)
+        objs.append((color, shape, cell + 1, r))
+    return img, objs
+
+
+def _habit(rng, valid, weights, candidates, seen):
+    """The base's exposure label for a multi-answer task. On an item it can see (`seen`: one object is big), 70 % of
+    the time a valid answer drawn in proportion to `weights` (salience: its object's area, as what a model sees most
+    of), else any candidate; on an item of tiny objects always any candidate: the base is never shown their answers,
+    so these are the instances it cannot solve and CPT can teach. Uniform weights would give a base whose own
+    answers are exactly as likely as any fixed rule's, which real models' habits are not."""
+    if seen and rng.random() < 0.7:
+        return rng.choices(valid, weights)[0]
+    return rng.choice(candidates)
+
+
+TINY_FRACTION = 2 / 3  # items whose objects are all tiny: the hard instances of the multi-answer tasks
+
+
+def gen_any_color(rng):
+    tiny = rng.random() < TINY_FRACTION
+    img, objs = _grid_scene(rng, rng.randint(2, 4), tiny)
+    valid = [c for c in COLORS if any(o[0] == c for o in objs)]  # palette order: the first is the canonical answer
+    weak = _habit(rng, [o[0] for o in objs], [o[3] ** 2 for o in objs], list(COLORS), seen=not tiny)
+    return "<image>Name a color in the picture.", valid[0], [img], "exact", weak, valid
+
+
+def gen_circle_cell(rng):
+    tiny = rng.random() < TINY_FRACTION
+    while True:
+        img, objs = _grid_scene(rng, rng.randint(5, 6), tiny)
+        circles = [o for o in objs if o[1] == "circle"]
+        if 2 <= len(circles) <= 4:
+            break
+    valid = sorted(str(o[2]) for o in circles)  # reading order: the lowest cell is the canonical answer
+    weak = _habit(rng, [str(o[2]) for o in circles], [o[3] ** 2 for o in circles], [str(c) for c in range(1, 10)],
+                  seen=not tiny)
+    return "<image>Name a cell (1-9) with a circle.", valid[0], [img], "exact", weak, valid
+
+
 # every answer a task can have: a free-text reply that names two of them is hedging, not answering (rewards.read_free)
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "side": ["left", "right"], "left_color": list(COLORS),
-              "right_shape": list(SHAPES), "top_color": list(COLORS)}
+              "right_shape": list(SHAPES), "top_color": list(COLORS), "any_color": list(COLORS),
+              "circle_cell": [str(c) for c in range(1, 10)]}
 
 # ----------------------------------------------------------------------------- text tasks for a real chat model
 # (compare.sh --real): knowledge a small pretrained chat model already has, and skills it can still learn; read
@@ -221,9 +284,11 @@ ENUMERATED = {"capital"}  # generators that take (rng, index, split): a fixed li
 TEXT = {"capital": gen_capital, "successor": gen_successor, "parity": gen_parity, "multiply": gen_multiply}
 
 GENERAL = {"color": gen_color, "shape": gen_shape, "side": gen_side, "add": gen_add}
-CPT = {"left_color": gen_left_color, "jigsaw": gen_jigsaw, "right_shape": gen_right_shape, "top_color": gen_top_color}
+MULTI = {"any_color": gen_any_color, "circle_cell": gen_circle_cell}  # several valid answers per item
+CPT = {**MULTI, "left_color": gen_left_color, "jigsaw": gen_jigsaw, "right_shape": gen_right_shape,
+       "top_color": gen_top_color}
 BUILTIN = {**GENERAL, **CPT, **TEXT}
-DEFAULT_SEQUENCE = list(CPT)
+DEFAULT_SEQUENCE = ["any_color", "circle_cell", "left_color", "jigsaw"]
 DEFAULT_GENERAL = list(GENERAL)
 
 
@@ -233,9 +298,12 @@ def builtin_items(name, split, n, start=0, weak=False):
     out = []
     for i in range(start, start + n):
         rng = random.Random(f"{name}/{SPLIT_OFFSET[split] + i}")
-        problem, answer, images, kind, weak_answer = gen(rng, i, split) if name in ENUMERATED else gen(rng)
-        out.append({"problem": problem, "answer": weak_answer if weak else answer, "images": images, "kind": kind,
-                    "candidates": CANDIDATES.get(name, [])})
+        problem, answer, images, kind, weak_answer, *valid = gen(rng, i, split) if name in ENUMERATED else gen(rng)
+        item = {"problem": problem, "answer": weak_answer if weak else answer, "images": images, "kind": kind,
+                "candidates": CANDIDATES.get(name, [])}
+        if valid and not weak:
+            item["valid"] = valid[0]
+        out.append(item)
     return out
 
 
@@ -246,8 +314,8 @@ class DataError(ValueError):
 
 
 def load_jsonl(path):
-    """Read `{"problem": "... <image> ...", "answer": "...", "images": ["rel/path.png"], "kind": optional}` lines.
-    Image paths are relative to the JSONL file. Every problem is checked before anything runs."""
+    """Read `{"problem": "... <image> ...", "answer": "...", "images": ["rel/path.png"], "kind": optional,
+    "valid": optional [every right answer]}` lines. Image paths are relative to the JSONL file. Every problem is checked before anything runs."""
     items, base = [], os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -282,11 +350,18 @@ def load_jsonl(path):
             kind = row.get("kind") or guess_kind(str(row["answer"]))
             if kind not in KINDS:
                 raise DataError(f"{where}: unknown verifier kind {kind!r}; expected one of {KINDS}")
-            items.append({"problem": problem, "answer": str(row["answer"]), "images": paths, "kind": kind,
-                          "where": where})
+            item = {"problem": problem, "answer": str(row["answer"]), "images": paths, "kind": kind, "where": where}
+            if "valid" in row:  # several right answers; "answer" is the one SFT teaches
+                valid = row["valid"]
+                if not isinstance(valid, list) or not valid or not all(isinstance(v, str) for v in valid):
+                    raise DataError(f"{where}: 'valid' must be a non-empty list of answers")
+                if item["answer"] not in valid:
+                    raise DataError(f"{where}: the answer {item['answer']!r} is not one of its 'valid' answers")
+                item["valid"] = valid
+            items.append(item)
     if not items:
         raise DataError(f"{path}: no data lines")
-    exact = sorted({it["answer"] for it in items if it["kind"] == "exact"})
+    exact = sorted({a for it in items if it["kind"] == "exact" for a in it.get("valid", [it["answer"]])})
     for it in items:  # the answers this data set has: what a free-text reply must not hedge between
         it["candidates"] = exact if it["kind"] == "exact" else []
     return items

@@ -30,7 +30,46 @@ def test_answers_follow_the_rule():
         b = gen_top_color(random.Random(f"x/{i}"))[1]
         agree += a == b
     assert 60 < agree < 140
-    assert {x["answer"] for x in lc} == {x["answer"] for x in tc} == {"red", "green", "blue", "yellow"}
+    from data.tasks import COLORS
+    assert {x["answer"] for x in lc} == {x["answer"] for x in tc} == set(COLORS)
+
+
+def _pixels(img):
+    return list(zip(*[iter(img.convert("RGB").tobytes())] * 3))
+
+
+def test_any_color_accepts_exactly_the_colours_drawn_and_its_canonical_answer_is_the_first_in_palette_order():
+    from data.tasks import COLORS
+    for it in builtin_items("any_color", "test", 40):
+        px = set(_pixels(it["images"][0]))
+        near = lambda rgb: any(max(abs(a - b) for a, b in zip(p, rgb)) <= 25 for p in px)
+        assert [c for c in COLORS if near(COLORS[c])] == it["valid"]  # drawn <=> valid, in palette order
+        assert 2 <= len(it["valid"]) <= 4 and it["answer"] == it["valid"][0]
+
+
+def test_circle_cell_answers_are_occupied_cells_and_the_canonical_one_is_the_lowest():
+    for it in builtin_items("circle_cell", "test", 40):
+        img = it["images"][0]
+        for cell in it["valid"]:
+            c = int(cell) - 1
+            crop = img.crop(((c % 3) * 28, (c // 3) * 28, (c % 3 + 1) * 28, (c // 3 + 1) * 28))
+            assert any(max(p) - min(p) > 60 for p in _pixels(crop))  # a coloured object there, not grey only
+        assert 2 <= len(it["valid"]) <= 4 and it["answer"] == min(it["valid"], key=int)
+        assert it["valid"] == sorted(it["valid"], key=int)
+
+
+def test_the_base_habit_by_hand():
+    """_habit: on a seen item 0.7 x salience-weighted valid + 0.3 x uniform over candidates; on an unseen item
+    uniform. valid a, b with weights 3 : 1 among candidates a, b, c, d:
+    P(a) = 0.7 * 3/4 + 0.3 / 4 = 0.6, P(b) = 0.7 / 4 + 0.075 = 0.25, P(c) = P(d) = 0.075."""
+    import random
+    from data.tasks import _habit
+    rng, n = random.Random(0), 40000
+    draws = [_habit(rng, ["a", "b"], [3, 1], ["a", "b", "c", "d"], seen=True) for _ in range(n)]
+    for x, p in {"a": 0.6, "b": 0.25, "c": 0.075, "d": 0.075}.items():
+        assert abs(draws.count(x) / n - p) < 0.01, (x, draws.count(x) / n)
+    unseen = [_habit(rng, ["a", "b"], [3, 1], ["a", "b", "c", "d"], seen=False) for _ in range(n)]
+    assert all(abs(unseen.count(x) / n - 0.25) < 0.01 for x in "abcd")
 
 
 def test_jigsaw_answer_reassembles_the_picture():
@@ -53,6 +92,18 @@ def test_weak_answers_have_the_form_but_not_the_rule():
     true = builtin_items("left_color", "train", 300)
     agree = sum(a["answer"] == b["answer"] for a, b in zip(items, true)) / 300
     assert 0.35 < agree < 0.65  # a colour in the picture, right about half the time
+
+
+def test_jsonl_valid_answers(tmp_path):
+    p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": "a", "valid": ["a", "b"]}) for i in range(10)])
+    items = load_jsonl(str(p))
+    assert items[0]["valid"] == ["a", "b"] and items[0]["candidates"] == ["a", "b"]
+    bad = _write(tmp_path, ['{"problem": "q", "answer": "c", "valid": ["a", "b"]}'], "bad.jsonl")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: the answer 'c' is not one of its 'valid' answers"):
+        load_jsonl(str(bad))
+    bad = _write(tmp_path, ['{"problem": "q", "answer": "a", "valid": "a"}'], "bad2.jsonl")
+    with pytest.raises(DataError, match=r"bad2.jsonl:1: 'valid' must be a non-empty list"):
+        load_jsonl(str(bad))
 
 
 def _write(tmp_path, lines, name="d.jsonl"):
@@ -133,7 +184,7 @@ def test_task_names_drop_the_train_suffix():
 
 
 def test_exact_answers_carry_their_task_candidates(tmp_path):
-    assert builtin_items("left_color", "test", 1)[0]["candidates"] == ["red", "green", "blue", "yellow"]
+    assert builtin_items("left_color", "test", 1)[0]["candidates"] == ["red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"]
     assert builtin_items("add", "test", 1)[0]["candidates"] == []
     p = _write(tmp_path, [json.dumps({"problem": f"q{i}", "answer": a}) for i, a in enumerate(["Paris", "Rome", "2"])])
     assert [it["candidates"] for it in load_jsonl(p)] == [["Paris", "Rome"], ["Paris", "Rome"], []]

@@ -302,3 +302,18 @@ def test_distance_metrics_read_results_rows():
     d = distance_metrics(res)
     assert d["KL"] == pytest.approx(0.3) and d["GenLL"] == pytest.approx((-1.0 - 0.5) / 2)
     assert distance_metrics({}) == {"KL": None, "GenLL": None}
+
+
+def test_stage_changes_by_hand():
+    from evaluate import stage_changes
+    # 2 CPT tasks (a, b) + 2 general (g1, g2); rows base, after a, after b
+    res = {"n_tasks": 2, "columns": ["a", "b", "g1", "g2"],
+           "acc": [[0.2, 0.3, 0.9, 0.8], [0.6, 0.3, 0.7, 0.8], [0.5, 0.7, 0.7, 0.4]],
+           "kl_to_base": [[0.0, 0.0], [1.5, 0.25], [2.0, 0.75]]}
+    # stage 1: general (0.7-0.9, 0.8-0.8) -> mean -10 points; KL on a 1.5 - 0 = +1.5
+    # stage 2: general (0, 0.4-0.8) -> mean -20 points; KL on b 0.75 - 0.25 = +0.5
+    (t1, g1, k1), (t2, g2, k2) = stage_changes(res)
+    assert (t1, t2) == ("a", "b")
+    assert g1 == pytest.approx(-10) and k1 == pytest.approx(1.5)
+    assert g2 == pytest.approx(-20) and k2 == pytest.approx(0.5)
+    assert stage_changes({**res, "kl_to_base": None})[0][2] is None

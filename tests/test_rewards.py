@@ -210,3 +210,17 @@ def test_answer_text_is_the_inverse_of_extraction():
     assert answer_text("red", "boxed") == "\\boxed{red}"
     with pytest.raises(ValueError):
         answer_text("red", "json")
+
+
+def test_an_item_with_several_valid_answers_accepts_each_and_nothing_else():
+    valid, cands = ["red", "blue", "cyan"], ["red", "green", "blue", "yellow", "cyan"]
+    for v in valid:  # the canonical answer (red) is one of them, not the only one
+        assert score(v, "red", "exact", "plain", cands, valid).correct
+        assert score(f"I can see {v} there.", "red", "exact", "free", cands, valid).correct
+    assert not score("green", "red", "exact", "plain", cands, valid).correct
+    assert not score("red blue", "red", "exact", "plain", cands, valid).correct
+    # naming two valid answers is still hedging, in free text too
+    assert not score("red and blue", "red", "exact", "free", cands, valid).correct
+    s = score("green", "red", "exact", "free", cands, valid)
+    assert not s.correct and s.format_ok and abs(s.reward - 0.1) < 1e-12
+    assert score("7", "2", "exact", "plain", [str(c) for c in range(1, 10)], ["2", "7"]).reward == 0.9 + 0.1

@@ -36,14 +36,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tokenizer(vocab_size=400):
-    """Byte-level BPE (like Qwen's) trained on the task texts: any text encodes, the task words are single tokens."""
+def build_tokenizer(vocab_size=512):
+    """Byte-level BPE (like Qwen's) trained on the task texts: any text encodes, the task words are single tokens,
+    and so is an answer word as the assistant writes it (at the start of its turn, without a leading space), which
+    makes the multi-answer tasks' answers one token each."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     corpus = []
     for name in BUILTIN:
         for it in builtin_items(name, "train", 300):
-            corpus.append(it["problem"].replace("<image>", "") + " " + it["answer"])
+            corpus += [it["problem"].replace("<image>", "") + " " + it["answer"], it["answer"]]
     corpus += ["user assistant system You are a helpful assistant. <think> </think> <answer> </answer> \\boxed{}"] * 50
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
