@@ -561,15 +561,21 @@ def evaluate_task(lm, items, fmt, device, batch_size=256, desc=None):
 
 
 def evaluate_all(lm, specs, fmt, device, n, batch_size=256, split="test"):
-    """{task name: accuracy} over task specs (n items each of the test split, or of val when tuning)."""
+    """{task name: accuracy} over task specs (n items each of the test split, or of val when tuning; n may be a
+    {spec: count} dict)."""
     acc = {}
     for spec in specs:
-        items = eval_items(spec, n, split)
+        items = eval_items(spec, n[spec] if isinstance(n, dict) else n, split)
         if not lm.is_vlm and any(it["images"] for it in items):
             acc[task_name(spec)] = None  # an image task cannot be asked of a text-only model
             continue
         acc[task_name(spec)], _ = evaluate_task(lm, items, fmt, device, batch_size, desc=f"eval {task_name(spec)}")
     return acc
+
+
+def eval_counts(args):
+    """{spec: evaluation items}: --eval_n for the CPT tasks, --general_n (default: the same) for the general ones."""
+    return {**{t: args.eval_n for t in args.tasks}, **{g: args.general_n or args.eval_n for g in args.general}}
 
 
 # ----------------------------------------------------------------------------- 7b. distance from the base, knowledge held
@@ -710,7 +716,8 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (default: runs/<script>)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
-    g.add_argument("--eval_n", type=int, default=500, help="test items per task")
+    g.add_argument("--eval_n", type=int, default=500, help="test items per CPT task")
+    g.add_argument("--general_n", type=int, default=None, help="test items per general task (default: --eval_n)")
     g.add_argument("--eval_split", default="test", choices=["test", "val"], help="val: for tuning settings")
     g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size (128: fastest per item on a CPU core)")
     g.add_argument("--keep_stages", action="store_true", help="keep every stage's checkpoint, not only the last")
@@ -738,6 +745,8 @@ def input_errors(args, positive=(), at_least_two=()):
     errors = []
     if args.kl_n < 0:
         errors.append(f"--kl_n {args.kl_n}: must be 0 (off) or more")
+    if args.general_n is not None and args.general_n < 1:
+        errors.append(f"--general_n {args.general_n}: must be at least 1")
     for name in ("steps", "batch_size", "micro_batch", "eval_n", "eval_batch", "kl_samples") + tuple(positive):
         if getattr(args, name) < 1:
             errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -829,7 +838,7 @@ def run_cpt(args, script, train_stage):
     if not res["rows"]:
         seed_all(args.seed, "eval")
         acc = cached_base_row(args.model, specs, args, str(device), lambda: evaluate_all(
-            lm, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split))
+            lm, specs, args.format, device, eval_counts(args), args.eval_batch, args.eval_split))
         res["rows"].append("base")
         res["acc"].append([acc[c] for c in columns])
         seed_all(args.seed, "kl")
@@ -870,7 +879,7 @@ def run_cpt(args, script, train_stage):
                 "; rerun with a smaller --lr in a new --out.") from None
         train_s = time.time() - t0
         seed_all(args.seed, "eval")
-        acc = evaluate_all(lm, specs, args.format, device, args.eval_n, args.eval_batch, args.eval_split)
+        acc = evaluate_all(lm, specs, args.format, device, eval_counts(args), args.eval_batch, args.eval_split)
         save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
         lm.path = os.path.join(out, f"stage-{k}")
         res["rows"].append(name)
@@ -898,7 +907,7 @@ def general_loglik(lm, args, device):
     """[mean gold log-likelihood of each general task] (None for an image task on a text-only model)."""
     out = []
     for spec in args.general:
-        items = eval_items(spec, args.eval_n, args.eval_split)
+        items = eval_items(spec, eval_counts(args)[spec], args.eval_split)
         ok = lm.is_vlm or not any(it["images"] for it in items)
         out.append(round(gold_loglik(lm, items, args.format, device), 5) if ok else None)
     return out
@@ -913,7 +922,7 @@ def cached_base_row(model, specs, args, device, compute):
     names = [gguf] if gguf else os.listdir(folder)
     files = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
                    for f in names)
-    key = hashlib.sha256(repr((os.path.abspath(model), files, specs, args.eval_n, args.format, args.eval_split,
+    key = hashlib.sha256(repr((os.path.abspath(model), files, specs, eval_counts(args), args.format, args.eval_split,
                                world(), torch.device(device).type, str(torch.get_default_dtype()),
                                torch.__version__, transformers.__version__)).encode()).hexdigest()[:16]
     path = os.path.join(CACHE_DIR, f"base-{key}.json")

