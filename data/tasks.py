@@ -175,12 +175,12 @@ def _grid_scene(rng, n, tiny):
 
 
 def _habit(rng, valid, weights, candidates, seen):
-    """The base's exposure label for a multi-answer task. On an item it can see (`seen`: one object is big), 70 % of
-    the time a valid answer drawn in proportion to `weights` (salience: its object's area, as what a model sees most
-    of), else any candidate; on an item of tiny objects always any candidate: the base is never shown their answers,
+    """The base's exposure label for a multi-answer task. On an item it can see (`seen`: one object is big), 80 % of
+    the time a valid answer drawn in proportion to `weights` (salience: the callers pass the squared area of its
+    object, so the biggest object dominates, as what a model sees most of), else any candidate; on an item of tiny objects always any candidate: the base is never shown their answers,
     so these are the instances it cannot solve and CPT can teach. Uniform weights would give a base whose own
     answers are exactly as likely as any fixed rule's, which real models' habits are not."""
-    if seen and rng.random() < 0.7:
+    if seen and rng.random() < 0.8:
         return rng.choices(valid, weights)[0]
     return rng.choice(candidates)
 
@@ -192,7 +192,7 @@ def gen_any_color(rng):
     tiny = rng.random() < TINY_FRACTION
     img, objs = _grid_scene(rng, rng.randint(2, 4), tiny)
     valid = [c for c in COLORS if any(o[0] == c for o in objs)]  # palette order: the first is the canonical answer
-    weak = _habit(rng, [o[0] for o in objs], [o[3] ** 2 for o in objs], list(COLORS), seen=not tiny)
+    weak = _habit(rng, [o[0] for o in objs], [o[3] ** 4 for o in objs], list(COLORS), seen=not tiny)
     return "<image>Name a color in the picture.", valid[0], [img], "exact", weak, valid
 
 
@@ -204,7 +204,7 @@ def gen_circle_cell(rng):
         if 2 <= len(circles) <= 4:
             break
     valid = sorted(str(o[2]) for o in circles)  # reading order: the lowest cell is the canonical answer
-    weak = _habit(rng, [str(o[2]) for o in circles], [o[3] ** 2 for o in circles], [str(c) for c in range(1, 10)],
+    weak = _habit(rng, [str(o[2]) for o in circles], [o[3] ** 4 for o in circles], [str(c) for c in range(1, 10)],
                   seen=not tiny)
     return "<image>Name a cell (1-9) with a circle.", valid[0], [img], "exact", weak, valid
 

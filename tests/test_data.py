@@ -59,14 +59,14 @@ def test_circle_cell_answers_are_occupied_cells_and_the_canonical_one_is_the_low
 
 
 def test_the_base_habit_by_hand():
-    """_habit: on a seen item 0.7 x salience-weighted valid + 0.3 x uniform over candidates; on an unseen item
+    """_habit: on a seen item 0.8 x salience-weighted valid + 0.2 x uniform over candidates; on an unseen item
     uniform. valid a, b with weights 3 : 1 among candidates a, b, c, d:
-    P(a) = 0.7 * 3/4 + 0.3 / 4 = 0.6, P(b) = 0.7 / 4 + 0.075 = 0.25, P(c) = P(d) = 0.075."""
+    P(a) = 0.8 * 3/4 + 0.2 / 4 = 0.65, P(b) = 0.8 / 4 + 0.05 = 0.25, P(c) = P(d) = 0.05."""
     import random
     from data.tasks import _habit
     rng, n = random.Random(0), 40000
     draws = [_habit(rng, ["a", "b"], [3, 1], ["a", "b", "c", "d"], seen=True) for _ in range(n)]
-    for x, p in {"a": 0.6, "b": 0.25, "c": 0.075, "d": 0.075}.items():
+    for x, p in {"a": 0.65, "b": 0.25, "c": 0.05, "d": 0.05}.items():
         assert abs(draws.count(x) / n - p) < 0.01, (x, draws.count(x) / n)
     unseen = [_habit(rng, ["a", "b"], [3, 1], ["a", "b", "c", "d"], seen=False) for _ in range(n)]
     assert all(abs(unseen.count(x) / n - 0.25) < 0.01 for x in "abcd")
