@@ -721,7 +721,8 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     g.add_argument("--eval_split", default="test", choices=["test", "val"], help="val: for tuning settings")
     g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size (128: fastest per item on a CPU core)")
     g.add_argument("--keep_stages", action="store_true", help="keep every stage's checkpoint, not only the last")
-    g.add_argument("--kl_n", type=int, default=100, help="prompts per CPT task for the KL to the base (0: off)")
+    g.add_argument("--kl_n", type=int, default=100, help="items per task for the continuous readings: KL to the base "
+                                                          "(CPT tasks), gold log-likelihood (general tasks); 0: off")
     g.add_argument("--kl_samples", type=int, default=4, help="base samples per prompt for the KL estimate")
     g = p.add_argument_group("optimisation (per stage)")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps per stage (x tasks with --multitask)")
@@ -904,11 +905,12 @@ def run_cpt(args, script, train_stage):
 
 
 def general_loglik(lm, args, device):
-    """[mean gold log-likelihood of each general task] (None for an image task on a text-only model)."""
+    """[mean gold log-likelihood of each general task over its first --kl_n items] (None for an image task on a
+    text-only model, or with --kl_n 0)."""
     out = []
     for spec in args.general:
-        items = eval_items(spec, eval_counts(args)[spec], args.eval_split)
-        ok = lm.is_vlm or not any(it["images"] for it in items)
+        items = eval_items(spec, eval_counts(args)[spec], args.eval_split)[:args.kl_n]
+        ok = items and (lm.is_vlm or not any(it["images"] for it in items))
         out.append(round(gold_loglik(lm, items, args.format, device), 5) if ok else None)
     return out
 

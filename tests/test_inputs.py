@@ -37,6 +37,8 @@ def test_out_of_range_flags_are_refused_with_what_would_be_right(tmp_path):
     assert "--steps 0: must be at least 1" in msg
     msg = refused(cpt_rft.main, *TINY, "--group", "1", "--lr", "-1", tmp_path=tmp_path)
     assert "--group 1: must be at least 2" in msg and "--lr -1.0: must be a positive number" in msg
+    msg = refused(cpt_sft.main, *TINY, "--general_n", "0", tmp_path=tmp_path)
+    assert "--general_n 0: must be at least 1" in msg
 
 
 def test_batch_not_divisible_by_the_world_size_is_refused(tmp_path, monkeypatch):
@@ -101,3 +103,12 @@ def test_a_diverging_run_stops_and_keeps_the_finished_stages(tmp_path, script, e
     for line in open(os.path.join(out, "log.jsonl")):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c} in log.jsonl"))
     assert not os.path.exists(os.path.join(tmp_path, "runs")), "a cache was written under the working folder"
+
+
+def test_general_tasks_have_their_own_evaluation_count():
+    import argparse
+    import common
+    args = argparse.Namespace(tasks=["left_color", "jigsaw"], general=["color", "add"], eval_n=200, general_n=500)
+    assert common.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 500, "add": 500}
+    args.general_n = None  # default: the same count as the CPT tasks
+    assert common.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 200, "add": 200}

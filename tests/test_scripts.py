@@ -93,8 +93,25 @@ def test_sft_on_own_correct_rollouts(tmp_path):
     trained = [x for x in logs if not x.get("skipped_step")]
     # each step trains on the correct ones of 4 items x 4 rollouts: a selection, not the 4 gold answers
     assert trained and all(0 < x["items"] <= 16 for x in trained) and any(x["items"] != 4 for x in trained)
-    # plain format: a correct rollout is the colour word plus end-of-turn, 3 tokens each with this tokenizer
-    assert all(x["tokens"] == 3 * x["items"] for x in trained)
+    # plain format: a correct rollout is the colour word plus end-of-turn, 2 tokens each with this tokenizer
+    assert all(x["tokens"] == 2 * x["items"] for x in trained)
+
+
+def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_path):
+    """--sft_data oracle: the targets of every stage are the base's correct samples. Near-greedy sampling (temperature
+    1e-4, k 1) makes them checkable: stage 2's first step trains on exactly the items whose base greedy answer is
+    right, whatever stage 1 did to the model."""
+    from data.tasks import Stream
+    d = str(tmp_path / "oracle")
+    run("cpt_sft.py", *TINY, "--sft_data", "oracle", "--k", "1", "--temperature", "1e-4", "--lr", "3e-3", "--out", d)
+    logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
+    base = common.load_model(common.DEFAULT_MODEL, "cpu")
+    for stage, task in ((1, "left_color"), (2, "top_color")):
+        items = Stream([task], (0, stage)).next(4)  # the stage's first batch (seed 0, one process)
+        greedy, _ = common.generate(base, items, "plain", 16, greedy=True)
+        right = sum(common.score_item(common.decode(base, c), it, "plain").correct for c, it in zip(greedy, items))
+        first = next(x for x in logs if x["stage"] == stage and x["step"] == 0)
+        assert first.get("items", 0) == right, (stage, first, right)
 
 
 def test_filter_cli_writes_kept_and_correct(tmp_path):
