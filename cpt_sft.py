@@ -73,7 +73,7 @@ def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p, steps=60, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
+    common.add_common_args(p, steps=40, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
     g = p.add_argument_group("SFT targets (P2's self-generated data, RL's Razor's oracle)")
     g.add_argument("--sft_data", default="gold", choices=["gold", "self", "oracle"],
                    help="canonical answer, own correct rollouts, or the base's correct samples")

@@ -6,9 +6,10 @@
   3. a small Qwen2_5_VLConfig: the real Qwen2.5-VL architecture (M-RoPE, windowed vision blocks, 2x2 merger)
      at toy width, about 1.5M parameters;
   4. pre-training with the project's SFT loss on the general tasks until they are mastered, plus "weak exposure"
-     to the CPT tasks: their questions with a plausible answer that ignores the task's rule (a colour or shape that
-     is in the picture, a random permutation), so the base knows the answer's form but not the skill (about chance
-     accuracy, a non-zero RFT reward);
+     to the CPT tasks: the one-answer tasks' questions with a plausible answer that ignores the task's rule (a colour
+     or shape that is in the picture, a random permutation), so the base knows the answer's form but not the skill
+     (about chance accuracy, a non-zero RFT reward); the multi-answer tasks' questions with the base's habit on the
+     items it can see (mostly the biggest object's answer) and any answer on the tiny-object items (data/tasks.py);
   5. evaluation on 500 held-out test items per task (greedy), printed, and the folder saved.
 
     python tools/make_base.py                       # ~22 minutes on 2 CPU cores
