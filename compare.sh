@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
 SFT_LR=${SFT_LR:-3e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep` (see README)
-RFT_LR=${RFT_LR:-1e-4}
+RFT_LR=${RFT_LR:-3e-5}
 REAL_SFT_LR=${REAL_SFT_LR:-3e-5}   # the real model's: best validation AvgAcc of `bash compare.sh --real-sweep`
 REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 REAL_TASKS=${REAL_TASKS:-"add parity"}
