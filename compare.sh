@@ -67,14 +67,19 @@ fi
 echo "compare.sh: ${#jobs[@]} runs, two at a time; each run's output goes to $OUT/<run>.log"
 # progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left
 progress() {
-  python3 - "$OUT" "$start" "${jobs[@]}" <<'PY'
+  EXTRA_FLAGS="${EXTRA[*]:-}" python3 - "$OUT" "$start" "${jobs[@]}" <<'PY'
 import json, os, sys, time
 out, start, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+flags = os.environ["EXTRA_FLAGS"].split()
+n_tasks = 4  # the default sequence, unless the extra flags name the tasks
+if "--tasks" in flags:
+    rest = flags[flags.index("--tasks") + 1:]
+    n_tasks = next((i for i, f in enumerate(rest) if f.startswith("--")), len(rest))
 done = total = 0
 running = []
 for j in jobs:
     d = j.split("--out ")[-1].split()[0]
-    want = 2 if "--multitask" in j else 5  # base row + stages (until results.json says: 4 tasks by default)
+    want = 2 if "--multitask" in j else n_tasks + 1  # base row + stages (until results.json says)
     try:
         res = json.load(open(os.path.join(d, "results.json")))
         rows = len(res["rows"])
