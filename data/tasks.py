@@ -14,8 +14,8 @@ as real annotations are, while RFT may keep any valid answer the model already g
   any_color   2-4 objects in a 3x3 grid        "Name a color in the picture."         any colour present (K = 2-4)
   circle_cell 5-6 objects in a 3x3 grid        "Name a cell (1-9) with a circle."     any cell holding a circle (K = 2-4)
     canonical SFT answer: the first valid one in palette / reading order. Instance difficulty: on most of
-    the items (2/3) every object is tiny (radius 3-4 px), and the base was never shown their answers; on the
-    rest one object is big, and the base's habit is to name the biggest (see _habit).
+    the items (3/4) every object is tiny (radius 3-4 px) and the base's habit is a fixed favourite guess; on the
+    rest one object is big, and its habit is to name the biggest (see _habit).
 CPT tasks with a unique answer (K = 1; the control: no SFT-vs-RFT gap is predicted):
   left_color  two objects in diagonal quadrants "What color is the left object?"
   jigsaw      a framed scene cut 2x2, tiles shuffled; answer = where each tile came from, "2 4 1 3" (P2)
@@ -158,10 +158,10 @@ def gen_jigsaw(rng, grid=2):
 
 def _grid_scene(rng, n, tiny):
     """n objects of distinct colours in distinct cells of a 3x3 grid (cell 1 top left, reading order); all tiny
-    (radius 3-4 px) or of mixed sizes (at least one big). Returns the image and (colour, shape, cell, radius) tuples."""
+    (radius 3-4 px) or of mixed sizes (one big, radius 9-11, the others 4-8). Returns the image and (colour, shape, cell, radius) tuples."""
     img = _canvas(rng)
     cells, colors = rng.sample(range(9), n), rng.sample(list(COLORS), n)
-    radii = [rng.randint(3, 4) if tiny else rng.randint(4, 11) for _ in range(n)]
+    radii = [rng.randint(3, 4) if tiny else rng.randint(4, 8) for _ in range(n)]
     if not tiny:
         radii[rng.randrange(n)] = rng.randint(9, 11)
     objs = []
@@ -174,25 +174,29 @@ def _grid_scene(rng, n, tiny):
     return img, objs
 
 
-def _habit(rng, valid, weights, candidates, seen):
-    """The base's exposure label for a multi-answer task. On an item it can see (`seen`: one object is big), 80 % of
-    the time a valid answer drawn in proportion to `weights` (salience: the callers pass the squared area of its
-    object, so the biggest object dominates, as what a model sees most of), else any candidate; on an item of tiny objects always any candidate: the base is never shown their answers,
-    so these are the instances it cannot solve and CPT can teach. Uniform weights would give a base whose own
-    answers are exactly as likely as any fixed rule's, which real models' habits are not."""
-    if seen and rng.random() < 0.8:
-        return rng.choices(valid, weights)[0]
-    return rng.choice(candidates)
+def _habit(rng, habit, candidates):
+    """The base's exposure label for a multi-answer task: 80 % of the time its habit, else any candidate. The habit
+    is sharp, as a real model's is: on an item it can see (one object is big) the biggest object's answer, which is
+    always valid; on an item of tiny objects a fixed favourite (FAVOURITE), a guess that is right only when the
+    favourite happens to be in the picture. So the base starts at about half on these tasks, its own correct answers
+    are mostly one answer per item, and the canonical SFT answer (the first valid one by a fixed rule) is that answer
+    only by chance (never on a tiny item: the favourite is last in the rule's order). The 20 % of other answers keep
+    every answer sampleable, so RFT can find the right ones on the items the habit gets wrong. (A first version drew
+    the habit in proportion to salience and uniformly on tiny items: the base came out diffuse, ~1.9 nats per answer,
+    and its own answers were no more likely than the canonical ones; see README.)"""
+    return habit if rng.random() < 0.8 else rng.choice(candidates)
 
 
-TINY_FRACTION = 2 / 3  # items whose objects are all tiny: the hard instances of the multi-answer tasks
+TINY_FRACTION = 3 / 4  # items whose objects are all tiny: the hard instances of the multi-answer tasks
+FAVOURITE = {"any_color": "cyan", "circle_cell": "9"}  # the base's guess on tiny items: last in the canonical order
 
 
 def gen_any_color(rng):
     tiny = rng.random() < TINY_FRACTION
     img, objs = _grid_scene(rng, rng.randint(2, 4), tiny)
     valid = [c for c in COLORS if any(o[0] == c for o in objs)]  # palette order: the first is the canonical answer
-    weak = _habit(rng, [o[0] for o in objs], [o[3] ** 4 for o in objs], list(COLORS), seen=not tiny)
+    habit = FAVOURITE["any_color"] if tiny else max(objs, key=lambda o: o[3])[0]
+    weak = _habit(rng, habit, list(COLORS))
     return "<image>Name a color in the picture.", valid[0], [img], "exact", weak, valid
 
 
@@ -204,8 +208,8 @@ def gen_circle_cell(rng):
         if 2 <= len(circles) <= 4:
             break
     valid = sorted(str(o[2]) for o in circles)  # reading order: the lowest cell is the canonical answer
-    weak = _habit(rng, [str(o[2]) for o in circles], [o[3] ** 4 for o in circles], [str(c) for c in range(1, 10)],
-                  seen=not tiny)
+    habit = FAVOURITE["circle_cell"] if tiny else str(max(circles, key=lambda o: o[3])[2])
+    weak = _habit(rng, habit, [str(c) for c in range(1, 10)])
     return "<image>Name a cell (1-9) with a circle.", valid[0], [img], "exact", weak, valid
 
 

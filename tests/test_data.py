@@ -59,17 +59,27 @@ def test_circle_cell_answers_are_occupied_cells_and_the_canonical_one_is_the_low
 
 
 def test_the_base_habit_by_hand():
-    """_habit: on a seen item 0.8 x salience-weighted valid + 0.2 x uniform over candidates; on an unseen item
-    uniform. valid a, b with weights 3 : 1 among candidates a, b, c, d:
-    P(a) = 0.8 * 3/4 + 0.2 / 4 = 0.65, P(b) = 0.8 / 4 + 0.05 = 0.25, P(c) = P(d) = 0.05."""
+    """_habit: 0.8 x the habit + 0.2 x uniform over the candidates. Habit b among a, b, c, d:
+    P(b) = 0.8 + 0.2 / 4 = 0.85, P(a) = P(c) = P(d) = 0.05."""
     import random
     from data.tasks import _habit
     rng, n = random.Random(0), 40000
-    draws = [_habit(rng, ["a", "b"], [3, 1], ["a", "b", "c", "d"], seen=True) for _ in range(n)]
-    for x, p in {"a": 0.65, "b": 0.25, "c": 0.05, "d": 0.05}.items():
+    draws = [_habit(rng, "b", ["a", "b", "c", "d"]) for _ in range(n)]
+    for x, p in {"a": 0.05, "b": 0.85, "c": 0.05, "d": 0.05}.items():
         assert abs(draws.count(x) / n - p) < 0.01, (x, draws.count(x) / n)
-    unseen = [_habit(rng, ["a", "b"], [3, 1], ["a", "b", "c", "d"], seen=False) for _ in range(n)]
-    assert all(abs(unseen.count(x) / n - 0.25) < 0.01 for x in "abcd")
+
+
+def test_any_color_exposure_labels_follow_the_habit():
+    """The base's any_color labels: on tiny items (3/4) the favourite cyan 0.8 + 0.2/8 of the time; on seen items the
+    biggest object's colour, which is cyan 1/8 of the time by symmetry. P(cyan) = 3/4 * 0.825 + 1/4 * (0.8/8 + 0.2/8)
+    = 0.61875 + 0.03125 = 0.65. And the favourite is never the canonical answer (last in palette order, K >= 2)."""
+    from data.tasks import COLORS, FAVOURITE
+    n = 4000
+    weak = [it["answer"] for it in builtin_items("any_color", "train", n, weak=True)]
+    assert abs(weak.count("cyan") / n - 0.65) < 0.03, weak.count("cyan") / n
+    assert FAVOURITE["any_color"] == list(COLORS)[-1] and FAVOURITE["circle_cell"] == "9"
+    gold = builtin_items("any_color", "train", 500)
+    assert all(it["answer"] != "cyan" for it in gold)
 
 
 def test_jigsaw_answer_reassembles_the_picture():
