@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
-SFT_LR=${SFT_LR:-3e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep` (see README)
-RFT_LR=${RFT_LR:-3e-5}
+SFT_LR=${SFT_LR:-3e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (README)
+RFT_LR=${RFT_LR:-1e-4}
 REAL_SFT_LR=${REAL_SFT_LR:-3e-5}   # the real model's: best validation AvgAcc of `bash compare.sh --real-sweep`
 REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 REAL_TASKS=${REAL_TASKS:-"add parity"}
@@ -26,6 +26,7 @@ REAL_RFT=(--batch_size 2 --group 8 --max_new_tokens 32 --micro_batch 16)  # 16 s
 REAL_SFT=(--batch_size 8 --micro_batch 8)
 EXTRA=(--eval_n 200 --general_n 500)  # 200 items per CPT task, 500 per general skill
 MODE=compare
+COMPARE_ONLY=(--kl_samples 2)  # the KL estimate on 2 base samples per prompt (the sweep's 4): the 8-minute budget
 case "${1:-}" in
   --quick) shift; SEEDS=${QUICK_SEEDS:-"0"}; MODE=quick
            EXTRA=(--tasks left_color top_color --general color add --eval_n 16 --steps 2 --batch_size 4) ;;
@@ -37,6 +38,7 @@ case "${1:-}" in
            EXTRA=(--model "$GGUF" --tasks $REAL_TASKS --general $REAL_GENERAL --format free --eval_n 100 --general_n 200 --steps $REAL_STEPS --kl_n 50 --kl_samples 2)
            [ "$MODE" = real-sweep ] && EXTRA+=(--eval_split val) ;;
 esac
+[ "$MODE" = compare ] && EXTRA+=("${COMPARE_ONLY[@]}")
 [ "${1:-}" = "--" ] && shift
 EXTRA+=("$@")
 OUT=${OUT:-runs/$MODE}
