@@ -385,12 +385,23 @@ def frontier(groups, path):
                 continue
             x = box[0] + (s["Gain"][0] - xmin) / (xmax - xmin) * (box[2] - box[0])
             y = box[3] - (s[key][0] - ymin) / (ymax - ymin) * (box[3] - box[1])
-            col = PALETTE[0] if name.startswith("sft") else PALETTE[1]
+            col = PALETTE[arm(groups[name][0]["config"])]
             d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=col)
-            d.text((x + 7, y), name.split(" lr=")[-1], fill=col, font=f, anchor="lm")
+            d.text((x + 7, y), name.split(" ", 1)[-1].replace("sft_data=", ""), fill=col, font=f, anchor="lm")
         d.text(((box[0] + box[2]) / 2, box[3] + 24), "new-task gain (points)", fill="black", font=f, anchor="ma")
-    d.text((70, 480), "blue: SFT   red: RFT   (labels: learning rate)", fill="black", font=f)
+    d.text((70, 480), f"{ARM_LEGEND}   (labels: the run's settings)", fill="black", font=f)
     img.save(path)
+
+
+def arm(config):
+    """The picture's colour class of a run: SFT on labels (gold), SFT on the model's own or the base's own samples
+    (self, oracle: the on-policy data controls), or RFT. Index into PALETTE and ARM_LEGEND."""
+    if config["script"] != "sft":
+        return 1
+    return 2 if config.get("sft_data", "gold") != "gold" else 0
+
+
+ARM_LEGEND = "blue: SFT on labels   green: SFT on own / base samples   red: RFT"
 
 
 def kl_points(runs):
@@ -399,7 +410,7 @@ def kl_points(runs):
     for r in runs:
         d, m = distance_metrics(r), metrics(r["acc"], r["n_tasks"])
         if d["KL"] is not None:
-            pts.append((d["KL"], m["Retention"], m["FM"], r["config"]["script"]))
+            pts.append((d["KL"], m["Retention"], m["FM"], arm(r["config"])))
     return pts
 
 
@@ -440,12 +451,12 @@ def kl_picture(runs, path):
             d.line([sx(xmin), sy(a + b * xmin), sx(xmax), sy(a + b * xmax)], fill=(120, 120, 120), width=2)
         title = f"{ylab}" + (f"   fit: {fit[0]:+.1f} {fit[1]:+.1f} x KL, R^2 = {fit[2]:.2f}" if fit else "")
         d.text((box[0], box[1] - 8), title, fill="black", font=f, anchor="ls")
-        for x, y, script in sub:
-            col_ = PALETTE[0] if script == "sft" else PALETTE[1]
+        for x, y, kind in sub:
+            col_ = PALETTE[kind]
             d.ellipse([sx(x) - 5, sy(y) - 5, sx(x) + 5, sy(y) + 5], fill=col_)
         d.text(((box[0] + box[2]) / 2, box[3] + 24), "KL to the base (nats per prompt)", fill="black", font=f,
                anchor="ma")
-    d.text((70, 480), f"blue: SFT   red: RFT   ({len(pts)} runs)", fill="black", font=f)
+    d.text((70, 480), f"{ARM_LEGEND}   ({len(pts)} runs)", fill="black", font=f)
     img.save(path)
     return fits
 

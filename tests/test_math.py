@@ -317,3 +317,10 @@ def test_stage_changes_by_hand():
     assert g1 == pytest.approx(-10) and k1 == pytest.approx(1.5)
     assert g2 == pytest.approx(-20) and k2 == pytest.approx(0.5)
     assert stage_changes({**res, "kl_to_base": None})[0][2] is None
+
+
+def test_pictures_colour_the_on_policy_data_controls_apart():
+    from evaluate import arm
+    assert arm({"script": "rft"}) == 1
+    assert arm({"script": "sft", "sft_data": "gold"}) == 0 and arm({"script": "sft"}) == 0
+    assert arm({"script": "sft", "sft_data": "self"}) == 2 and arm({"script": "sft", "sft_data": "oracle"}) == 2
