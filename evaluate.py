@@ -323,6 +323,9 @@ def curves(groups, path):
         return False
     ref = next(iter(seq.values()))[0]
     cols, rows = ref["columns"], ref["rows"]
+    # the other pictures' colours (SFT on labels, on samples, RFT) when each group is one arm; else one per group
+    kinds = [arm(rs[0]["config"]) for rs in seq.values()]
+    colour = [PALETTE[a] for a in kinds] if len(set(kinds)) == len(kinds) else PALETTE * len(seq)
     f, fb = _font(12), _font(14)
     pw, ph, ncol = 300, 210, 4
     nrow = math.ceil(len(cols) / ncol)
@@ -343,12 +346,12 @@ def curves(groups, path):
                     pts.append((box[0] + (i + 0.5) / len(rows) * (box[2] - box[0]),
                                 box[3] - v / 100 * (box[3] - box[1])))
             if len(pts) > 1:
-                d.line(pts, fill=PALETTE[k % len(PALETTE)], width=2)
+                d.line(pts, fill=colour[k], width=2)
             for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=PALETTE[k % len(PALETTE)])
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[k])
     ly = 40 + nrow * ph
     for k, name in enumerate(seq):
-        d.rectangle([20, ly + 22 * k + 4, 34, ly + 22 * k + 16], fill=PALETTE[k % len(PALETTE)])
+        d.rectangle([20, ly + 22 * k + 4, 34, ly + 22 * k + 16], fill=colour[k])
         d.text((42, ly + 22 * k + 10), f"{name} ({len(seq[name])} seed(s))", fill="black", font=f, anchor="lm")
     img.save(path)
     return True
