@@ -324,3 +324,19 @@ def test_pictures_colour_the_on_policy_data_controls_apart():
     assert arm({"script": "rft"}) == 1
     assert arm({"script": "sft", "sft_data": "gold"}) == 0 and arm({"script": "sft"}) == 0
     assert arm({"script": "sft", "sft_data": "self"}) == 2 and arm({"script": "sft", "sft_data": "oracle"}) == 2
+
+
+def test_first_token_entropy_kl_and_mass_by_hand():
+    """p = (1/2, 1/4, 1/4, 0), q = (1/4, 1/2, 1/4, 0): H(p) = 1.5 ln 2; KL(p||q) = 1/2 ln 2 - 1/4 ln 2 = 1/4 ln 2,
+    KL(q||p) = 1/4 ln(1/2) + 1/2 ln 2 = 1/4 ln 2; a token neither gives mass adds nothing (no 0 * inf)."""
+    from tools.first_token import entropy, kl, mass
+    lp = torch.tensor([0.5, 0.25, 0.25, 0.0]).log()
+    lq = torch.tensor([0.25, 0.5, 0.25, 0.0]).log()
+    assert float(entropy(lp)) == pytest.approx(1.5 * math.log(2))
+    assert float(kl(lp, lq)) == pytest.approx(0.25 * math.log(2))
+    assert float(kl(lq, lp)) == pytest.approx(0.25 * math.log(2))
+    assert float(kl(lp, lp)) == 0.0
+    assert float(mass(lp, [0, 2, 2])) == pytest.approx(0.75)      # each id once
+    # the model gives the base's most likely answer almost nothing: the forward KL grows as log(1 / q)
+    lr = torch.tensor([1e-6, 0.5, 0.5 - 1e-6, 0.0]).log()
+    assert float(kl(lp, lr)) == pytest.approx(0.5 * math.log(0.5 / 1e-6) + 0.25 * math.log(0.5) + 0.25 * math.log(0.25 / (0.5 - 1e-6)), rel=1e-4)
