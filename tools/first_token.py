@@ -7,7 +7,8 @@ is about 1). Per model, the mean over prompts of:
 
   entropy               H(model) in nats
   valid / canonical     mass on the item's valid answers / on its canonical (SFT) answer
-  base's top            mass on the answer the base ranks first on that prompt (its habit)
+  base's top            mass on the answer the base ranks first on that prompt (its habit), over the prompts where
+                        that answer is right ("top, right": RL's Razor says RFT keeps it there) and where it is wrong
   KL(base||model)       exact forward KL, the distance RL's Razor ties to forgetting
   KL(model||base)       exact reverse KL
 
@@ -64,6 +65,7 @@ def answer_token(lm, answer, fmt):
     return ids[0]
 
 
+@torch.no_grad()
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="trained model folders to compare with the base")
@@ -79,20 +81,23 @@ def main():
     canonical = [answer_token(base, it["answer"], "plain") for it in items]
     lp_base = first_token_logprobs(base, items, "plain", device)
     top = lp_base.argmax(-1).tolist()
-    print(f"{args.task}, {args.n} test prompts; first answer token; means over prompts")
-    print(f"{'model':40s} {'entropy':>8s} {'valid':>6s} {'canon.':>6s} {'base top':>8s} {'KL(b||m)':>9s} "
-          f"{'KL(m||b)':>9s} {'end after':>9s}")
+    right = torch.tensor([t in v for t, v in zip(top, valid)])
+    print(f"{args.task}, {args.n} test prompts; first answer token; means over prompts; the base's top answer is "
+          f"right on {int(right.sum())} of them")
+    print(f"{'model':40s} {'entropy':>8s} {'valid':>6s} {'canon.':>6s} {'top,right':>9s} {'top,wrong':>9s} "
+          f"{'KL(b||m)':>9s} {'KL(m||b)':>9s} {'end after':>9s}")
     for path in [args.base] + args.models:
         lm = base if path == args.base else common.load_model(path, device)
         lp = lp_base if path == args.base else first_token_logprobs(lm, items, "plain", device)
         # P(end of turn | the model's most likely first token): ~1 means the first-token KL is the answer's KL
         ends = common.token_logprobs(lm, items, "plain", [[t, lm.eos_id] for t in lp.argmax(-1).tolist()],
                                      device)[0][:, 1].exp()
+        on_top = lp[range(len(items)), top].exp()
         row = [entropy(lp).mean(), torch.stack([mass(lp[i], v) for i, v in enumerate(valid)]).mean(),
-               lp[range(len(items)), canonical].exp().mean(), lp[range(len(items)), top].exp().mean(),
+               lp[range(len(items)), canonical].exp().mean(), on_top[right].mean(), on_top[~right].mean(),
                kl(lp_base, lp).mean(), kl(lp, lp_base).mean(), ends.mean()]
         name = path if len(path) <= 40 else "..." + path[-37:]
-        print(f"{name:40s} " + " ".join(f"{float(v):{w}.3f}" for v, w in zip(row, (8, 6, 6, 8, 9, 9, 9))))
+        print(f"{name:40s} " + " ".join(f"{float(v):{w}.3f}" for v, w in zip(row, (8, 6, 6, 9, 9, 9, 9, 9))))
 
 
 if __name__ == "__main__":
