@@ -237,7 +237,7 @@ def general_probe(lm, specs, n, fmt, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p, steps=20, micro_batch=64, lr=3e-5, lr_note="tuned on val; P1: 1e-6 on 7B", batch_size=8)
+    common.add_common_args(p, steps=20, micro_batch=64, lr=1e-4, lr_note="tuned on val; P1: 1e-6 on 7B", batch_size=8)
     g = p.add_argument_group("rollout")
     g.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

@@ -172,8 +172,8 @@ def test_compare_quick(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "compare.sh"), "--quick"], env={**ENV, "OUT": out}, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for arm in ("sft lr=3e-05 k=8 sft_data=gold", "sft sft_data=self lr=3e-05 k=4", "rft lr=3e-05", "sft-multitask lr=3e-05",
-                "rft-multitask lr=3e-05"):
+    for arm in ("sft lr=3e-05 k=8 sft_data=gold", "sft sft_data=self lr=3e-05 k=4", "rft lr=0.0001", "sft-multitask lr=3e-05",
+                "rft-multitask lr=0.0001"):
         assert f"| {arm} | 1 |" in r.stdout, arm
     assert os.path.exists(os.path.join(out, "report", "report.md"))
     assert "total wall time" in r.stdout
