@@ -70,8 +70,9 @@ def distance_metrics(res):
 
 def stage_changes(res):
     """Per stage of a sequential run: (task, change of mean general accuracy during the stage in points, KL to the
-    base added on the stage's own task's prompts in nats). Where the CPT tasks differ in kind (several valid answers
-    or one), this separates what each kind of stage did: the control of the mechanism."""
+    base added on the stage's own task's prompts in nats, gain on the stage's own task in points). Where the CPT
+    tasks differ in kind (several valid answers or one), this separates what each kind of stage did: the control of
+    the mechanism; and the general loss per point gained compares arms at what they learned."""
     n, A = res["n_tasks"], res["acc"]
     kl = res.get("kl_to_base") or []
     out = []
@@ -80,7 +81,8 @@ def stage_changes(res):
                      if A[k][g] is not None and A[k - 1][g] is not None])
         j = k - 1  # the stage's own task
         dkl = kl[k][j] - kl[k - 1][j] if len(kl) > k and None not in (kl[k][j], kl[k - 1][j]) else None
-        out.append((res["columns"][j], gen, dkl))
+        gain = 100 * (A[k][j] - A[k - 1][j]) if None not in (A[k][j], A[k - 1][j]) else None
+        out.append((res["columns"][j], gen, dkl, gain))
     return out
 
 
@@ -232,16 +234,18 @@ def markdown(groups):
         lines.append("")
     seq = {name: runs for name, runs in groups.items() if runs[0]["stages"] > 1}
     if seq:
-        tasks = [t for t, _, _ in stage_changes(next(iter(seq.values()))[0])]
-        lines += ["Per stage, mean over seeds: change of the general tasks' mean accuracy during the stage (points) "
-                  "/ KL to the base added on the stage's own task (nats per prompt):", "",
+        tasks = [p[0] for p in stage_changes(next(iter(seq.values()))[0])]
+        lines += ["Per stage, mean over seeds: gain on the stage's own task (points) / change of the general tasks' "
+                  "mean accuracy during the stage (points) / KL to the base added on the stage's own task (nats per "
+                  "prompt):", "",
                   "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for name, runs in seq.items():
             per = [stage_changes(r) for r in runs]
             cells = []
             for k in range(len(tasks)):
-                g, d = _mean([p[k][1] for p in per]), _mean([p[k][2] for p in per])
-                cells.append(("—" if g is None else f"{g:+.1f}") + " / " + ("—" if d is None else f"{d:+.3f}"))
+                g, d, gain = (_mean([p[k][i] for p in per]) for i in (1, 2, 3))
+                cells.append(" / ".join("—" if v is None else f"{v:+.{digits}f}"
+                                        for v, digits in ((gain, 1), (g, 1), (d, 3))))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     for name, runs in groups.items():  # the last row of each group, per task

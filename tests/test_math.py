@@ -312,8 +312,9 @@ def test_stage_changes_by_hand():
            "kl_to_base": [[0.0, 0.0], [1.5, 0.25], [2.0, 0.75]]}
     # stage 1: general (0.7-0.9, 0.8-0.8) -> mean -10 points; KL on a 1.5 - 0 = +1.5
     # stage 2: general (0, 0.4-0.8) -> mean -20 points; KL on b 0.75 - 0.25 = +0.5
-    (t1, g1, k1), (t2, g2, k2) = stage_changes(res)
-    assert (t1, t2) == ("a", "b")
+    # gains: a 0.2 -> 0.6 in stage 1 = +40 points; b 0.3 -> 0.7 in stage 2 = +40 points
+    (t1, g1, k1, n1), (t2, g2, k2, n2) = stage_changes(res)
+    assert (t1, t2) == ("a", "b") and n1 == pytest.approx(40) and n2 == pytest.approx(40)
     assert g1 == pytest.approx(-10) and k1 == pytest.approx(1.5)
     assert g2 == pytest.approx(-20) and k2 == pytest.approx(0.5)
     assert stage_changes({**res, "kl_to_base": None})[0][2] is None
