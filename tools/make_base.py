@@ -8,11 +8,12 @@
   4. pre-training with the project's SFT loss on the general tasks until they are mastered, plus "weak exposure"
      to the CPT tasks: the one-answer tasks' questions with a plausible answer that ignores the task's rule (a colour
      or shape that is in the picture, a random permutation), so the base knows the answer's form but not the skill
-     (about chance accuracy, a non-zero RFT reward); the multi-answer tasks' questions with the base's habit on the
-     items it can see (mostly the biggest object's answer) and any answer on the tiny-object items (data/tasks.py);
+     (about chance accuracy, a non-zero RFT reward); the multi-answer tasks' questions with the base's sharp habit,
+     80 % of the time: the biggest object's answer where one object is big, a favourite guess where all are tiny
+     (data/tasks.py `_habit`);
   5. evaluation on 500 held-out test items per task (greedy), printed, and the folder saved.
 
-    python tools/make_base.py                       # ~22 minutes on 2 CPU cores
+    python tools/make_base.py                       # ~20 minutes on 2 CPU cores
     python tools/make_base.py --steps 300 --out /tmp/tiny-test   # a quick smoke build
 """
 import argparse
