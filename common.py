@@ -25,10 +25,12 @@ import random
 import shutil
 import time
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from data.rewards import FORMAT_INSTRUCTIONS, FORMATS, answer_text, score
@@ -171,6 +173,7 @@ class Bundle:
                                                  "vision_end_token_id")]
         self.forbidden = sorted({i for i in ids + [tok.pad_token_id] if i is not None and i != self.eos_id})
         self.image_token = "<|image_pad|>"
+        self.prompt_ids = {}  # (problem, format, image tokens per image) -> prompt token ids (encode's cache)
         self.path = None  # the folder the current weights were loaded from or last saved to
         # the checkpoint's own sampling settings (e.g. Qwen2.5's repetition_penalty 1.05) would shape the samples
         # but not the log-probs the loss uses (off-policy samples): sampling runs on a neutral config, and the
@@ -298,22 +301,30 @@ def encode(lm, items, fmt, completions=None):
     Returns model inputs plus `prompt_len` and `comp_mask` (1 on completion tokens). For a VLM each
     <|image_pad|> is repeated once per merged patch (grid_t*grid_h*grid_w / merge^2), and mm_token_type_ids
     marks those tokens with 1: transformers computes 3-D M-RoPE positions only when it is given."""
-    texts, images = [], []
+    images = []
     for it in items:
         if it["images"] and not lm.is_vlm:
             raise ValueError(f"{it.get('where', 'a task item')}: has images but the model is text-only")
-        msgs = messages(it, fmt)
-        if not lm.is_vlm:  # text-only models take plain string content
-            msgs = [{"role": m["role"], "content": "".join(c["text"] for c in m["content"])} for m in msgs]
-        texts.append(lm.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
         images += [(im, it.get("where", "?")) for im in it["images"]]
-    out = {}
+    out, counts = {}, []
     if images:
         out = _pixels(lm, images)
-        merge = lm.improc.merge_size ** 2
-        counts = iter((out["image_grid_thw"].prod(-1) // merge).tolist())
-        texts = [_expand_images(t, lm.image_token, counts) for t in texts]
-    prompts = [lm.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        counts = (out["image_grid_thw"].prod(-1) // lm.improc.merge_size ** 2).tolist()
+    prompts, at = [], 0
+    for it in items:
+        # the rendered prompt depends only on these: cached, since the same questions come back every step and row
+        key = (it["problem"], fmt, tuple(counts[at:at + len(it["images"])]))
+        at += len(it["images"])
+        if key not in lm.prompt_ids:
+            msgs = messages(it, fmt)
+            if not lm.is_vlm:  # text-only models take plain string content
+                msgs = [{"role": m["role"], "content": "".join(c["text"] for c in m["content"])} for m in msgs]
+            text = lm.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            text = _expand_images(text, lm.image_token, iter(key[2]))
+            if len(lm.prompt_ids) >= 100_000:  # a data set of distinct prompts: keep memory bounded
+                lm.prompt_ids.clear()
+            lm.prompt_ids[key] = lm.tok(text, add_special_tokens=False)["input_ids"]
+        prompts.append(lm.prompt_ids[key])
     comps = completions if completions is not None else [[] for _ in prompts]
     prompt_len, comp_len = max(map(len, prompts)), max(map(len, comps))
     ids = torch.full((len(prompts), prompt_len + comp_len), lm.pad_id, dtype=torch.long)
@@ -330,17 +341,39 @@ def encode(lm, items, fmt, completions=None):
     return out, prompt_len, comp_mask
 
 
+PIXEL_CACHE_BYTES = [int(os.environ.get("CPT_PIXEL_CACHE_MB", "1024")) << 20]  # left of this process's budget
+
+
 def _pixels(lm, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
-    once: a GRPO batch repeats every prompt's image G times, and the image processor works per image anyway."""
-    distinct = {}  # id(entry) -> (position among the distinct images, entry, where)
+    once: a GRPO batch repeats every prompt's image G times, and the image processor works per image anyway.
+    An in-memory image keeps its processed pixels (up to $CPT_PIXEL_CACHE_MB per process, 1024 by default), since
+    the same evaluation images are encoded again after every stage; a path is read and processed each time."""
+    setting = lm.improc.to_json_string()
+    done, todo = {}, {}
     for entry, where in images:
-        distinct.setdefault(id(entry), (len(distinct), entry, where))
-    vis = lm.improc(images=[open_image(e, w) for _, e, w in distinct.values()], return_tensors="pt")
-    grid = vis["image_grid_thw"]
-    rows = vis["pixel_values"].split(grid.prod(-1).tolist())
-    idx = [distinct[id(entry)][0] for entry, _ in images]
-    return {"pixel_values": torch.cat([rows[i] for i in idx]), "image_grid_thw": grid[idx]}
+        kept = getattr(entry, "_cpt_pixels", None)
+        if kept is not None and kept[0] == setting:
+            done[id(entry)] = kept[1:]
+        elif id(entry) not in todo:
+            todo[id(entry)] = (entry, where)
+    if todo:
+        vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
+        grid = vis["image_grid_thw"]
+        for (key, (entry, _)), rows, g in zip(todo.items(), vis["pixel_values"].split(grid.prod(-1).tolist()), grid):
+            done[key] = (rows, g)
+            size = rows.numel() * rows.element_size()
+            if isinstance(entry, Image.Image) and size <= PIXEL_CACHE_BYTES[0]:
+                entry._cpt_pixels = (setting, rows.clone(), g.clone())  # a copy: a view would keep the batch alive
+                PIXEL_CACHE_BYTES[0] -= size
+                weakref.finalize(entry, _release_pixels, size)
+    order = [id(entry) for entry, _ in images]
+    return {"pixel_values": torch.cat([done[k][0] for k in order]),
+            "image_grid_thw": torch.stack([done[k][1] for k in order])}
+
+
+def _release_pixels(size):
+    PIXEL_CACHE_BYTES[0] += size
 
 
 def _expand_images(text, token, counts):
@@ -838,15 +871,21 @@ def run_cpt(args, script, train_stage):
     samples = None
     if not res["rows"]:
         seed_all(args.seed, "eval")
-        acc = cached_base_row(args.model, specs, args, str(device), lambda: evaluate_all(
-            lm, specs, args.format, device, eval_counts(args), args.eval_batch, args.eval_split))
+        acc = cached_base("row", args.model, args, str(device), lambda: evaluate_all(
+            lm, specs, args.format, device, eval_counts(args), args.eval_batch, args.eval_split), specs=specs)
         res["rows"].append("base")
         res["acc"].append([acc[c] for c in columns])
-        seed_all(args.seed, "kl")
-        samples = {t: sample_base(lm, v, args.format, args.kl_samples, max_tokens(args.format), device)
-                   for t, v in kl_items.items()}
+
+        def draw_samples():
+            seed_all(args.seed, "kl")
+            return {t: sample_base(lm, v, args.format, args.kl_samples, max_tokens(args.format), device)
+                    for t, v in kl_items.items()}
+        samples = cached_base("kl-samples", args.model, args, str(device), draw_samples, per_rank=True,
+                              tasks=sorted(kl_items), kl_n=args.kl_n, kl_samples=args.kl_samples, seed=args.seed)
         res["kl_to_base"] = [[0.0 if t in kl_items else None for t in args.tasks]]
-        res["general_ll"] = [general_loglik(lm, args, device)]
+        res["general_ll"] = [cached_base("general-ll", args.model, args, str(device),
+                                         lambda: general_loglik(lm, args, device), general=list(args.general),
+                                         kl_n=args.kl_n)]
         print0(format_row("base", acc, columns))
     elif os.path.exists(samples_path):
         with open(samples_path) as f:
@@ -915,27 +954,29 @@ def general_loglik(lm, args, device):
     return out
 
 
-def cached_base_row(model, specs, args, device, compute):
-    """The base row is a greedy (deterministic) evaluation of the same starting model in every run of a
-    comparison: compute it once per (model files, tasks, n, format, split, world, device, library versions) and
-    keep it in CACHE_DIR."""
+def cached_base(what, model, args, device, compute, per_rank=False, **setting):
+    """What the starting model gives is the same in every run of a comparison that shares these settings: the
+    greedy base row ("row"), its KL reference samples (drawn with the run's seed, per rank), its general gold
+    log-likelihoods. Compute each once per (model files, items, format, split, world, device, library versions,
+    and `setting`) and keep it in CACHE_DIR."""
     import transformers
     folder, gguf = split_model_path(model)
     names = [gguf] if gguf else os.listdir(folder)
     files = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
                    for f in names)
-    key = hashlib.sha256(repr((os.path.abspath(model), files, specs, eval_counts(args), args.format, args.eval_split,
-                               world(), torch.device(device).type, str(torch.get_default_dtype()),
-                               torch.__version__, transformers.__version__)).encode()).hexdigest()[:16]
-    path = os.path.join(CACHE_DIR, f"base-{key}.json")
+    key = hashlib.sha256(repr((what, os.path.abspath(model), files, eval_counts(args), args.format, args.eval_split,
+                               world(), rank() if per_rank else 0, torch.device(device).type,
+                               str(torch.get_default_dtype()), torch.__version__, transformers.__version__,
+                               sorted(setting.items()))).encode()).hexdigest()[:16]
+    path = os.path.join(CACHE_DIR, f"base-{what}-{key}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    acc = compute()
-    if rank() == 0:
+    value = compute()
+    if per_rank or rank() == 0:
         os.makedirs(CACHE_DIR, exist_ok=True)
-        write_json(path, acc)
-    return acc
+        write_json(path, value)
+    return value
 
 
 def format_row(name, acc, columns):

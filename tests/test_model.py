@@ -61,12 +61,39 @@ def test_repeated_images_are_processed_once_with_the_same_pixels():
             calls.append(len(images))
             return real(images=images, **kw)
 
+    fresh = builtin_items("left_color", "test", 3) + builtin_items("jigsaw", "test", 1)  # new image objects
+    fresh_group = [fresh[i] for i in (0, 0, 1, 2, 1, 3, 0)]
     real, B.improc = B.improc, Counting()
     try:
-        common.encode(B, group, "plain")
+        again, _, _ = common.encode(B, fresh_group, "plain")
+        assert calls == [4]                              # each distinct image once
+        cached, _, _ = common.encode(B, fresh_group, "plain")
+        assert calls == [4]                              # the second time from the images' kept pixels
+        budget, common.PIXEL_CACHE_BYTES[0] = common.PIXEL_CACHE_BYTES[0], 0
+        uncached = builtin_items("left_color", "test", 1)
+        common.encode(B, uncached, "plain")
+        common.encode(B, uncached, "plain")
+        assert calls == [4, 1, 1]                        # no budget left: processed every time
     finally:
         B.improc = real
-    assert calls == [4]                                  # each distinct image once
+        common.PIXEL_CACHE_BYTES[0] += budget
+    for b in (again, cached):
+        assert torch.equal(b["pixel_values"], vis["pixel_values"]) and torch.equal(b["input_ids"], batch["input_ids"])
+
+
+def test_prompt_cache_gives_the_rendered_prompt():
+    """encode keeps each prompt's token ids by (question, format, image tokens): the cached ids are the ones a fresh
+    rendering gives, for image and text-only items and every format."""
+    items = builtin_items("left_color", "test", 2) + builtin_items("add", "test", 3)
+    for fmt in ("plain", "boxed"):
+        B.prompt_ids.clear()
+        first, _, _ = common.encode(B, items, fmt)
+        assert len(B.prompt_ids) == 1 + 3                # one left_color question; three distinct add questions
+        second, _, _ = common.encode(B, items, fmt)
+        assert torch.equal(first["input_ids"], second["input_ids"])
+        text = B.tok.apply_chat_template(common.messages(items[3], fmt), add_generation_prompt=True, tokenize=False)
+        ids = B.tok(text, add_special_tokens=False)["input_ids"]
+        assert first["input_ids"][3, -len(ids):].tolist() == ids
 
 
 def test_sampling_never_emits_forbidden_tokens():
