@@ -969,7 +969,9 @@ def cached_base(what, model, args, device, compute, per_rank=False, **setting):
                                str(torch.get_default_dtype()), torch.__version__, transformers.__version__,
                                sorted(setting.items()))).encode()).hexdigest()[:16]
     path = os.path.join(CACHE_DIR, f"base-{what}-{key}.json")
-    if os.path.exists(path):
+    # every rank must take the same branch: computing runs collectives (a rank whose file survived a killed run
+    # would otherwise wait forever for the others)
+    if all_sum([0.0 if os.path.exists(path) else 1.0], device)[0] == 0:
         with open(path) as f:
             return json.load(f)
     value = compute()
