@@ -5,6 +5,7 @@ dict to OUT. tests/test_dist.py compares the two runs. The later steps give the 
 a KL term to a reference model; the model is then saved by save_checkpoint and loaded back. `--lengths` instead checks that ranks generating different
 lengths (rank 0 stops at once, rank 1 never) do not hang under synced_gpus."""
 import argparse
+import gc
 import os
 import sys
 
@@ -86,6 +87,10 @@ def main():
     reads = common.all_sum([reads[0] if r == rank else 0 for r in range(world)], device)
     if rank == 0:
         torch.save({"losses": losses, "state": sd, "reads": reads}, os.path.join(a.out, f"world{world}.pt"))
+    # free the sharded models while the process group exists (as run_cpt does): left to interpreter teardown, a gloo
+    # rank sometimes aborted at exit ("terminate called without an active exception")
+    b.model = ref.model = opt = None
+    gc.collect()
     common.cleanup()
 
 
