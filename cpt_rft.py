@@ -15,9 +15,9 @@ rewards are all equal, under remax one whose rewards all equal the greedy baseli
 wrong greedy answer does teach). Without the KL term such groups are not even run through the model (they would
 add exactly zero) but still count in the normaliser; --skip_zero_var drops them from the normaliser too, and a step
 whose every group is silent takes no optimizer step at all (AdamW's momentum and weight decay would still move the
-weights). --rif MODE drops zero-variance instances before the stage (common.filter_items, as filter.py does).
+weights). --rif MODE drops zero-variance instances before the stage (filter.filter_items, as filter.py does).
 A non-finite reward, loss, gradient norm or logit stops the run before the optimizer steps on it.
-After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
+After each stage the model is evaluated on every task and on the held-out general tasks (loop.run_cpt).
 
     python cpt_rft.py                                 # the tiny default, a few minutes on 2 CPU cores
     python cpt_rft.py --multitask                     # all tasks at once: the upper bound
@@ -34,8 +34,10 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-import common
+import runtime
 from data.tasks import Stream
+from filter import REWARD_TOL, filter_items, zero_variance
+from loop import HelpFormatter, add_common_args, input_errors, refuse, run_cpt, settle_defaults
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
 STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
@@ -43,7 +45,8 @@ STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
 
 @dataclass
 class GRPOConfig:
-    """The settings one GRPO step reads (the CLI flags of the same names); defaults are the script's."""
+    """The settings one GRPO step reads, and their defaults: the one place they are written (the CLI flags of the
+    same names take their defaults from here)."""
     format: str = "plain"
     group: int = 8
     temperature: float = 1.0
@@ -81,12 +84,20 @@ def group_advantages(rewards, estimator="grpo", baseline=None, eps=ADV_EPS):
     raise ValueError(f"unknown advantage estimator {estimator!r}")
 
 
-def silent_groups(rewards, estimator="grpo", baseline=None, tol=common.REWARD_TOL):
+def silent_groups(rewards, estimator="grpo", baseline=None, tol=REWARD_TOL):
     """[groups] bool: the groups whose advantages are all 0, so that they teach nothing. grpo / rloo: the rewards
     are all equal (within tol); remax: every reward equals the greedy baseline (within tol)."""
     if estimator == "remax":
         return (rewards - baseline.unsqueeze(1)).abs().amax(1) <= tol
-    return (rewards.amax(1) - rewards.amin(1)) <= tol
+    return torch.tensor([zero_variance(r, tol) for r in rewards.tolist()], dtype=torch.bool)
+
+
+def format_only(scores, tol=REWARD_TOL):
+    """True when a group's rewards differ only by the format term: every sample's accuracy part is the same (all
+    wrong, typically) while the rewards are not. Normalised by the group's std, that small difference becomes
+    full-size advantages that teach the format and nothing of the task."""
+    accuracies = [s.accuracy for s in scores]
+    return zero_variance(accuracies, tol) and not zero_variance([s.reward for s in scores], tol)
 
 
 def clipped_token_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.3):
@@ -124,23 +135,26 @@ def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
 def grpo_step(lm, ref, opt, items, args, device, probe=None):
     """Rollout, advantages and the update on this rank's prompts (args: a GRPOConfig); returns the step's metrics."""
     t0 = time.time()
-    table = common.rollout(lm, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
+    table = runtime.rollout(lm, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
                            args.gen_batch)
     rewards = torch.tensor([row["rewards"] for row in table], dtype=torch.float32)
     baseline = None
     if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
-        greedy, _ = common.generate(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
-        baseline = torch.tensor([common.score_item(common.decode(lm, c), it, args.format).reward
+        greedy, _ = runtime.generate(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
+        baseline = torch.tensor([runtime.score_item(runtime.decode(lm, c), it, args.format).reward
                                  for c, it in zip(greedy, items)])
     silent = silent_groups(rewards, args.adv, baseline)
     adv = group_advantages(rewards, args.adv, baseline).masked_fill(silent.unsqueeze(1), 0.0)
     t_roll = time.time() - t0
     gen_tok = sum(len(c) for row in table for c in row["completions"])
-    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, gen_tok, var_sum = common.all_sum(
-        [rewards.sum().item() / args.group, len(table), sum(common.zero_variance(row["rewards"]) for row in table),
-         int(silent.sum()), sum(s.correct for row in table for s in row["scores"]),
-         sum(t for row in table for t in row["truncated"]), gen_tok,
-         rewards.var(1, correction=0).sum().item()], device)
+    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, gen_tok, var_sum, n_any, n_format_only = \
+        runtime.all_sum([rewards.sum().item() / args.group, len(table),
+                         sum(zero_variance(row["rewards"]) for row in table), int(silent.sum()),
+                         sum(s.correct for row in table for s in row["scores"]),
+                         sum(t for row in table for t in row["truncated"]), gen_tok,
+                         rewards.var(1, correction=0).sum().item(),
+                         sum(any(s.correct for s in row["scores"]) for row in table),
+                         sum(format_only(row["scores"]) for row in table)], device)
     n_samples = n_groups * args.group
 
     # flatten groups into (item, completion, advantage); --skip_zero_var drops the silent groups. Without the KL
@@ -160,9 +174,10 @@ def grpo_step(lm, ref, opt, items, args, device, probe=None):
                          normaliser_extra=(silent_tokens, silent_seqs))
     m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero_var / n_groups,
          "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples,
-         "reward_var": var_sum / n_groups, **update, "rollout_s": round(t_roll, 3),
+         "reward_var": var_sum / n_groups, "prompts_with_correct": n_any / n_groups,
+         "format_only_groups": n_format_only / n_groups, **update, "rollout_s": round(t_roll, 3),
          "update_s": round(time.time() - t1, 3), "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1)}
-    common.check_finite(reward=m["reward"])
+    runtime.check_finite(reward=m["reward"])
     if probe is not None:
         m["general_ll_delta"] = probe()
     return m
@@ -172,13 +187,13 @@ def grpo_update(lm, ref, opt, seqs, args, device, filler=None, normaliser_extra=
     """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples.
     `normaliser_extra` (tokens, sequences) are silent sequences left out of the forward but counted in the loss
     normalisers, which are counted over all ranks. When no rank has a sequence to train on, no step is taken."""
-    n_tokens, n_seqs = common.all_sum([sum(len(c) for _, c, _ in seqs) + normaliser_extra[0],
+    n_tokens, n_seqs = runtime.all_sum([sum(len(c) for _, c, _ in seqs) + normaliser_extra[0],
                                        len(seqs) + normaliser_extra[1]], device)
-    n_trained = common.all_sum([len(seqs)], device)[0]
+    n_trained = runtime.all_sum([len(seqs)], device)[0]
     if n_trained == 0:
         return {"grad_norm": 0.0, "trained_seqs": 0, "kl": 0.0, "skipped_step": True}
     stand_in = seqs[0] if seqs else (filler, [lm.eos_id], 0.0)
-    micro_batches = list(common.equal_chunks(seqs, args.micro_batch, device, stand_in))
+    micro_batches = list(runtime.equal_chunks(seqs, args.micro_batch, device, stand_in))
     old = ref_logp = [None] * len(micro_batches)
     with torch.no_grad():
         if args.ppo_epochs > 1:
@@ -198,20 +213,20 @@ def grpo_update(lm, ref, opt, seqs, args, device, filler=None, normaliser_extra=
                 tok = tok + args.kl_coef * kl
                 kl_sum += real * (kl * mask).sum().item()
             loss = aggregate(tok, mask, args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
-            (loss * common.world() * real).backward()  # FSDP averages over ranks; `real` zeroes stand-in passes
+            (loss * runtime.world() * real).backward()  # FSDP averages over ranks; `real` zeroes stand-in passes
             loss_sum += real * loss.item()
         norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), args.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        common.check_finite(loss=common.all_sum([loss_sum], device)[0], grad_norm=norm)
+        runtime.check_finite(loss=runtime.all_sum([loss_sum], device)[0], grad_norm=norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {"grad_norm": norm, "trained_seqs": int(n_trained), "skipped_step": False,
-            "kl": common.all_sum([kl_sum], device)[0] / n_tokens / args.ppo_epochs}
+            "kl": runtime.all_sum([kl_sum], device)[0] / n_tokens / args.ppo_epochs}
 
 
 def _logp(lm, micro_batch, args, device):
     """Per-token log-probs, completion mask and advantages of a micro-batch of (item, completion, advantage)."""
-    logp, mask = common.token_logprobs(lm, [s[0] for s in micro_batch], args.format, [s[1] for s in micro_batch],
+    logp, mask = runtime.token_logprobs(lm, [s[0] for s in micro_batch], args.format, [s[1] for s in micro_batch],
                                        device, args.temperature)
     return logp, mask, torch.tensor([s[2] for s in micro_batch], device=device)
 
@@ -219,13 +234,13 @@ def _logp(lm, micro_batch, args, device):
 def general_probe(lm, specs, n, fmt, device):
     """A closure measuring the change of the mean log-likelihood of the general tasks' gold answers since its last
     call: P1's interference of an update with prior knowledge, made visible per step."""
-    items = [it for s in specs for it in common.eval_items(s, n, "val") if lm.is_vlm or not it["images"]]
-    targets = [common.target_ids(lm, it["answer"], fmt) for it in items]
+    items = [it for s in specs for it in runtime.eval_items(s, n, "val") if lm.is_vlm or not it["images"]]
+    targets = [runtime.target_ids(lm, it["answer"], fmt) for it in items]
     last = [None]
 
     def probe():
         with torch.no_grad():
-            logp, mask = common.token_logprobs(lm, items, fmt, targets, device)
+            logp, mask = runtime.token_logprobs(lm, items, fmt, targets, device)
             ll = ((logp * mask).sum(1)).mean().item()
         delta = 0.0 if last[0] is None else ll - last[0]
         last[0] = ll
@@ -235,21 +250,52 @@ def general_probe(lm, specs, n, fmt, device):
     return probe
 
 
+NO_CORRECT_STEPS = 3  # steps with no correct sample in any group before the stage says it cannot learn
+
+
+def learning_warnings(rows, truncated_warn=0.10):
+    """What the first rows (steps) of a GRPO stage say a user must know, as messages: no prompt with a correct
+    sample in any of the first NO_CORRECT_STEPS steps (nothing right to reinforce: only the format term ranks the
+    samples), and rollouts cut at the token budget."""
+    out = []
+    if len(rows) == NO_CORRECT_STEPS and all(r["prompts_with_correct"] == 0 for r in rows):
+        fmt_only = sum(r["format_only_groups"] for r in rows) / len(rows)
+        out.append(f"no rollout was correct in the first {len(rows)} steps ({100 * fmt_only:.0f}% of the groups differ "
+                   f"only by the format term, which the std normalisation makes full-size): GRPO has nothing right to "
+                   f"reinforce. What can help: a longer --max_new_tokens, a larger --group, SFT first, or "
+                   f"--rif incompetent (train only on prompts with a correct rollout)")
+    if rows and rows[-1]["truncated"] > truncated_warn and all(r["truncated"] <= truncated_warn for r in rows[:-1]):
+        out.append(f"{100 * rows[-1]['truncated']:.0f}% of the rollouts hit the --max_new_tokens budget (step "
+                   f"{len(rows) - 1}); a cut reply usually scores as wrong: raise --max_new_tokens")
+    return out
+
+
+def stage_summary(rows):
+    """One line per GRPO stage: how much of it could teach anything."""
+    if not rows:
+        return "no step"
+    mean = lambda k: 100 * sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    return (f"{len(rows)} steps; prompts with a correct sample {mean('prompts_with_correct'):.0f}%, groups ranked "
+            f"only by the format term {mean('format_only_groups'):.0f}%, silent groups {mean('silent_groups'):.0f}%, "
+            f"rollouts cut {mean('truncated'):.0f}%, steps skipped {sum(r['skipped_step'] for r in rows)}")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p, steps=20, micro_batch=64, lr=1e-4, lr_note="tuned on val; P1: 1e-6 on 7B", batch_size=8)
+    d = GRPOConfig()  # the defaults
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_common_args(p, steps=20, micro_batch=d.micro_batch, lr=1e-4, lr_note="tuned on val; P1: 1e-6 on 7B",
+                    batch_size=8)
     g = p.add_argument_group("rollout")
-    g.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--max_new_tokens", type=int, default=16, help="completion budget (P1: 512+ with --format boxed)")
-    g.add_argument("--gen_batch", type=int, default=256, help="sequences per generate call")
+    g.add_argument("--group", type=int, default=d.group, help="completions per prompt (G)")
+    g.add_argument("--gen_batch", type=int, default=d.gen_batch, help="sequences sampled at once")
     g = p.add_argument_group("GRPO objective")
-    g.add_argument("--adv", default="grpo", choices=["grpo", "rloo", "remax"], help="advantage estimator")
-    g.add_argument("--loss_agg", default="token_mean", choices=["token_mean", "seq_mean", "dr_grpo"])
-    g.add_argument("--clip_low", type=float, default=0.2, help="PPO clip below 1")
-    g.add_argument("--clip_high", type=float, default=0.3, help="PPO clip above 1")
-    g.add_argument("--ppo_epochs", type=int, default=1, help="updates per rollout batch")
-    g.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL weight to the stage's start model (P1: 0.01)")
+    g.add_argument("--adv", default=d.adv, choices=["grpo", "rloo", "remax"], help="advantage estimator")
+    g.add_argument("--loss_agg", default=d.loss_agg, choices=["token_mean", "seq_mean", "dr_grpo"],
+                   help="how token losses are averaged (see aggregate)")
+    g.add_argument("--clip_low", type=float, default=d.clip_low, help="PPO clip below 1")
+    g.add_argument("--clip_high", type=float, default=d.clip_high, help="PPO clip above 1")
+    g.add_argument("--ppo_epochs", type=int, default=d.ppo_epochs, help="updates per rollout batch")
+    g.add_argument("--kl_coef", type=float, default=d.kl_coef, help="k3 KL weight to the stage's start model (P1: 0.01)")
     g.add_argument("--skip_zero_var", action="store_true", help="drop zero-variance groups from the update")
     g = p.add_argument_group("instance filtering (P1's RIF-RFT) and diagnostics")
     g.add_argument("--rif", default="none", choices=["none", "incompetent", "zero_variance"],
@@ -257,9 +303,8 @@ def main(argv=None):
     g.add_argument("--rif_k", type=int, default=8, help="rollouts per instance for --rif")
     g.add_argument("--probe_general", type=int, default=0, help="general items per task for the per-step "
                                                                   "log-likelihood probe (0: off)")
-    args = p.parse_args(argv)
-    common.refuse(common.input_errors(args, positive=("max_new_tokens", "gen_batch", "ppo_epochs", "rif_k"),
-                                      at_least_two=("group",)))
+    args = settle_defaults(p.parse_args(argv))
+    refuse(input_errors(args, positive=("gen_batch", "ppo_epochs", "rif_k"), at_least_two=("group",)))
 
     grpo = GRPOConfig.from_args(args)
 
@@ -267,7 +312,7 @@ def main(argv=None):
         device = next(lm.model.parameters()).device
         ref = None
         if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
-            ref = common.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
+            ref = runtime.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
             ref.model.requires_grad_(False).eval()
         opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
@@ -276,32 +321,37 @@ def main(argv=None):
             stream, steps = rif_stream(lm, stream, steps, stage, log, device)
         probe = general_probe(lm, args.general, args.probe_general, args.format, device) if args.probe_general else None
         lm.model.train()
-        for step in tqdm(range(steps), desc=f"grpo stage {stage}", disable=common.rank() != 0):
-            items = stream.next_slice(args.batch_size, common.rank(), common.world())
+        rows = []
+        for step in tqdm(range(steps), desc=f"grpo stage {stage}", disable=runtime.rank() != 0):
+            items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
             m = grpo_step(lm, ref, opt, items, grpo, device, probe)
             log(stage=stage, step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
+            rows.append(m)
+            for line in learning_warnings(rows):
+                tqdm.write(f"warning: grpo stage {stage}: {line}") if runtime.rank() == 0 else None
+        runtime.print0(f"  grpo stage {stage}: {stage_summary(rows)}")
 
     def rif_stream(lm, stream, steps, stage, log, device):
         """RIF-RFT: roll out the stage's whole prompt pool K times, keep the instances that can teach; the same
         number of passes over the kept ones, so fewer steps (RIF's saving). Every rank filters its share and the
         keep flags are summed, so all ranks hold the same kept pool and take equal slices of it."""
         pool = stream.next(steps * args.batch_size)
-        mine = list(range(common.rank(), len(pool), common.world()))
-        flags, stats, _ = common.filter_items(lm, [pool[i] for i in mine], args.rif, args.format, args.rif_k,
-                                              args.temperature, args.max_new_tokens, device, args.gen_batch)
+        mine = list(range(runtime.rank(), len(pool), runtime.world()))
+        flags, stats, _ = filter_items(lm, [pool[i] for i in mine], args.rif, args.format, args.rif_k,
+                                       args.temperature, args.max_new_tokens, device, args.gen_batch)
         kept_mask = [0.0] * len(pool)
         for i, f in zip(mine, flags):
             kept_mask[i] = float(f)
-        kept = [it for it, f in zip(pool, common.all_sum(kept_mask, device)) if f]
-        common.print0(f"  rif {args.rif}: kept {stats['kept']}/{stats['instances']} "
-                      f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
+        kept = [it for it, f in zip(pool, runtime.all_sum(kept_mask, device)) if f]
+        runtime.print0(f"  rif {args.rif}: kept {stats['kept']}/{stats['instances']} "
+                       f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
         log(stage=stage, rif=stats)
         if not kept:  # nothing can teach this model here: the stage trains on nothing, and says so
-            common.print0("  rif: no instance kept; the stage takes no step")
+            runtime.print0("  rif: no instance kept; the stage takes no step")
             return stream, 0
         return Stream.from_items(kept, (args.seed, stage)), max(1, math.ceil(steps * stats["kept_fraction"]))
 
-    return common.run_cpt(args, "rft", train_stage)
+    return run_cpt(args, "rft", train_stage)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ cross-entropy on the ground-truth answer of each task item:
 The answer tokens are the answer and the end-of-turn token; system, user, image and padding tokens carry no loss
 (P1: "cross-entropy on the ground-truth answer only"). The normaliser is the answer-token count of the whole global
 batch, so gradient accumulation and several ranks give the same gradient as one big batch.
-After each stage the model is evaluated on every task and on the held-out general tasks (common.run_cpt).
+After each stage the model is evaluated on every task and on the held-out general tasks (run_cpt).
 
 --sft_data picks the targets, on the same items, steps and batch for every choice:
   gold    the item's answer: on a task with several valid answers, the canonical one (the first by a fixed rule),
@@ -18,8 +18,8 @@ After each stage the model is evaluated on every task and on the held-out genera
   oracle  the base's own distribution restricted to the valid answers: the correct ones of K samples per item
           from the frozen starting model (--model); RL's Razor's oracle SFT, which should move the model least
 With self and oracle Ranks then hold different
-numbers of targets; every rank still runs the same number of forwards (common.equal_chunks), as FSDP requires.
-A non-finite loss or gradient norm stops the run before the optimizer steps on it (common.Diverged).
+numbers of targets; every rank still runs the same number of forwards (runtime.equal_chunks), as FSDP requires.
+A non-finite loss or gradient norm stops the run before the optimizer steps on it (runtime.Diverged).
 
     python cpt_sft.py                                 # the tiny default, a few minutes on 2 CPU cores
     python cpt_sft.py --multitask                     # all tasks at once: the upper bound
@@ -34,8 +34,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import common
+import runtime
 from data.tasks import Stream
+from loop import HelpFormatter, add_common_args, input_errors, refuse, run_cpt, settle_defaults
 
 
 def sft_loss(logp, mask, n_tokens):
@@ -47,18 +48,18 @@ def sft_step(lm, opt, pairs, fmt, micro_batch, device, filler, grad_clip=1.0):
     """One optimizer step on this rank's (item, target ids) pairs. Returns (loss, grad norm, answer tokens).
     `filler` is an item for the stand-in passes of a rank with fewer (or no) pairs: they keep FSDP's collectives
     in step and add nothing."""
-    n_tokens = common.all_sum([sum(len(t) for _, t in pairs)], device)[0]
+    n_tokens = runtime.all_sum([sum(len(t) for _, t in pairs)], device)[0]
     total = 0.0
-    for chunk, real in common.equal_chunks(pairs, micro_batch, device, (filler, [lm.eos_id])):
-        logp, mask = common.token_logprobs(lm, [it for it, _ in chunk], fmt, [t for _, t in chunk], device)
+    for chunk, real in runtime.equal_chunks(pairs, micro_batch, device, (filler, [lm.eos_id])):
+        logp, mask = runtime.token_logprobs(lm, [it for it, _ in chunk], fmt, [t for _, t in chunk], device)
         # FSDP averages gradients over ranks; the loss already divides by the global count, so undo the average
-        loss = sft_loss(logp, mask, n_tokens) * common.world() * real
+        loss = sft_loss(logp, mask, n_tokens) * runtime.world() * real
         loss.backward()
-        total += loss.item() / common.world()
-    total = common.all_sum([total], device)[0]
+        total += loss.item() / runtime.world()
+    total = runtime.all_sum([total], device)[0]
     norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), grad_clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    common.check_finite(loss=total, grad_norm=norm)
+    runtime.check_finite(loss=total, grad_norm=norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total, norm, n_tokens
@@ -67,50 +68,48 @@ def sft_step(lm, opt, pairs, fmt, micro_batch, device, filler, grad_clip=1.0):
 def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
     """K samples per item from `lm`, the correct ones as (item, completion ids) pairs: P2's RFT-simulated data when
     `lm` is the model being trained, the oracle's data when it is the frozen base."""
-    table = common.rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
+    table = runtime.rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
     return [(row["item"], comp) for row in table for comp, s in zip(row["completions"], row["scores"]) if s.correct]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(p, steps=40, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_common_args(p, steps=40, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
     g = p.add_argument_group("SFT targets (P2's self-generated data, RL's Razor's oracle)")
     g.add_argument("--sft_data", default="gold", choices=["gold", "self", "oracle"],
                    help="canonical answer, own correct rollouts, or the base's correct samples")
     g.add_argument("--k", type=int, default=8, help="samples per item for --sft_data self / oracle")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for self / oracle")
-    g.add_argument("--max_new_tokens", type=int, default=16, help="sample length for self / oracle")
-    args = p.parse_args(argv)
-    common.refuse(common.input_errors(args, positive=("k", "max_new_tokens")))
+    args = settle_defaults(p.parse_args(argv))
+    refuse(input_errors(args, positive=("k",)))
 
     base = []  # the frozen starting model, loaded once, for --sft_data oracle
 
     def train_stage(lm, specs, stage, log):
         device = next(lm.model.parameters()).device
         if args.sft_data == "oracle" and not base:
-            base.append(common.load_model(args.model, device))
+            base.append(runtime.load_model(args.model, device))
             base[0].model.requires_grad_(False).eval()
         opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         stream = Stream(specs, (args.seed, stage))
         lm.model.train()
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
-        for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=common.rank() != 0):
+        for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=runtime.rank() != 0):
             t0 = time.time()
-            items = stream.next_slice(args.batch_size, common.rank(), common.world())
+            items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
             if args.sft_data != "gold":
                 sampler = lm if args.sft_data == "self" else base[0]
                 pairs = self_targets(sampler, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
-                if common.all_sum([len(pairs)], device)[0] == 0:
+                if runtime.all_sum([len(pairs)], device)[0] == 0:
                     log(stage=stage, step=step, kept=0, skipped_step=True)
                     continue
             else:
-                pairs = [(it, common.target_ids(lm, it["answer"], args.format)) for it in items]
+                pairs = [(it, runtime.target_ids(lm, it["answer"], args.format)) for it in items]
             loss, norm, n_tokens = sft_step(lm, opt, pairs, args.format, args.micro_batch, device, items[0],
                                             args.grad_clip)
             log(stage=stage, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=int(n_tokens),
-                items=int(common.all_sum([len(pairs)], device)[0]), seconds=round(time.time() - t0, 3))
+                items=int(runtime.all_sum([len(pairs)], device)[0]), seconds=round(time.time() - t0, 3))
 
-    return common.run_cpt(args, "sft", train_stage)
+    return run_cpt(args, "sft", train_stage)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ import math
 import os
 import statistics
 
-from PIL import Image, ImageDraw, ImageFont
-
-import common
+import runtime
+from loop import NEW_TOKENS, HelpFormatter
+from measure import eval_items, evaluate_task
 from data.rewards import FORMATS
-from data.tasks import DEFAULT_GENERAL, DEFAULT_SEQUENCE
+from data.tasks import DEFAULT_GENERAL, DEFAULT_SEQUENCE, task_name
 
 
 # ----------------------------------------------------------------------------- the metrics (pure)
@@ -261,11 +261,17 @@ def markdown(groups):
     return "\n".join(lines)
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+# The pictures: matplotlib Figures drawn off-screen (a Figure made without pyplot renders with Agg and needs no
+# display); matplotlib is imported only here, so the metrics and the training scripts do not need it.
+
+def _figure(width, height):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110)
+    return fig
 
 
 def mean_matrix(runs):
@@ -276,128 +282,108 @@ def mean_matrix(runs):
 
 def heatmap(runs, path, title):
     """The accuracy matrix, mean over the seeds given, with the numbers in the cells (rows: stages; columns: tasks);
-    the same numbers as the report's table."""
+    the same numbers as the report's table. Returns the figure."""
+    import numpy as np
+    from matplotlib import colormaps
     res = runs[0]
-    rows, cols, acc = res["rows"], res["columns"], mean_matrix(runs)
-    f, fb = _font(13), _font(15)
-    cw, ch, left, top = 86, 30, 110, 64
-    img = Image.new("RGB", (max(left + cw * len(cols) + 10, 760), top + ch * len(rows) + 30), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), title, fill="black", font=fb)
-    d.text((10, 28), f"accuracy (%) after each stage, mean over {len(runs)} seed(s); columns right of the bar are "
-                     f"general tasks", fill="#444", font=f)
-    for j, c in enumerate(cols):
-        d.text((left + j * cw + cw / 2, top - 8), c, fill="black", font=f, anchor="ms")
-    for i, r in enumerate(rows):
-        d.text((left - 8, top + i * ch + ch / 2), r, fill="black", font=f, anchor="rm")
-        for j in range(len(cols)):
-            a = acc[i][j]
-            x0, y0 = left + j * cw, top + i * ch
-            color = (230, 230, 230) if a is None else (int(255 - 180 * a), int(120 + 120 * a), int(255 - 120 * a))
-            d.rectangle([x0, y0, x0 + cw - 2, y0 + ch - 2], fill=color)
-            d.text((x0 + cw / 2, y0 + ch / 2), "n/a" if a is None else f"{100 * a:.1f}", fill="black", font=f,
-                   anchor="mm")
-    xb = left + res["n_tasks"] * cw - 1
-    d.line([xb, top - 4, xb, top + ch * len(rows)], fill="black", width=2)
-    img.save(path)
+    rows, cols = res["rows"], res["columns"]
+    acc = np.array([[np.nan if a is None else 100 * a for a in row] for row in mean_matrix(runs)], dtype=float)
+    fig = _figure(max(6.0, 0.95 * len(cols) + 2.5), 0.42 * len(rows) + 2.4)
+    ax = fig.add_subplot()
+    im = ax.imshow(acc, cmap=colormaps["viridis"].with_extremes(bad="#e0e0e0"), vmin=0, vmax=100, aspect="auto")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    for (i, j), a in np.ndenumerate(acc):
+        ax.text(j, i, "n/a" if np.isnan(a) else f"{a:.1f}", ha="center", va="center", fontsize=9,
+                color="white" if a < 55 else "black")  # NaN compares False: black on the grey cell
+    if res["n_tasks"] < len(cols):
+        ax.axvline(res["n_tasks"] - 0.5, color="black", lw=2.5)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(xlabel="task (right of the black line: general tasks)", ylabel="model after stage")
+    ax.set_title(f"{title}\naccuracy (%) after each stage, mean over {len(runs)} seed(s)", fontsize=10)
+    return _save(fig, path)
 
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
+def _style(a, multitask):
+    """The colour of arm a and the marker of the run kind: circles for sequential runs, squares for multi-task."""
+    return {"color": PALETTE[a], "marker": "s" if multitask else "o"}
 
 
-def _axes(d, box, xlabels, ylabel, f, ymin=0.0, ymax=100.0):
-    x0, y0, x1, y1 = box
-    for v in range(int(ymin), int(ymax) + 1, 20 if ymax - ymin > 60 else 10):
-        y = y1 - (v - ymin) / (ymax - ymin) * (y1 - y0)
-        d.line([x0 - 4, y, x0, y], fill="black")
-        d.line([x0 + 1, y, x1 - 1, y], fill=(235, 235, 235))
-        d.text((x0 - 6, y), str(v), fill="black", font=f, anchor="rm")
-    d.rectangle(box, outline="black")  # last, so the grid does not paint over the frame
-    for i, lab in enumerate(xlabels):
-        x = x0 + (i + 0.5) / len(xlabels) * (x1 - x0)
-        d.text((x, y1 + 6), lab, fill="black", font=f, anchor="ma")
-    d.text((x0, y0 - 6), ylabel, fill="black", font=f, anchor="ls")
+def _marker(config):
+    """A run's colour and marker, from its config."""
+    return _style(arm(config), config.get("multitask"))
+
+
+def _key(configs):
+    """Legend handles for the (arm, sequential / multi-task) kinds among the configs."""
+    from matplotlib.lines import Line2D
+    kinds = sorted({(arm(c), bool(c.get("multitask"))) for c in configs})
+    return [Line2D([], [], ls="", ms=8, label=f"{ARM_LEGEND[a]}, {'multi-task' if mt else 'sequential'}",
+                   **_style(a, mt)) for a, mt in kinds]
 
 
 def curves(groups, path):
-    """Per task, the accuracy across stages of every sequential run group (mean over seeds), one panel a task."""
+    """Per task, the accuracy across stages of every sequential run group (mean over seeds), one panel a task.
+    Returns the figure, or None when no group is sequential."""
     seq = {n: rs for n, rs in groups.items() if len(rs[0]["rows"]) > 2}
     if not seq:
-        return False
+        return None
     ref = next(iter(seq.values()))[0]
     cols, rows = ref["columns"], ref["rows"]
     # the other pictures' colours (SFT on labels, on samples, RFT) when each group is one arm; else one per group
     kinds = [arm(rs[0]["config"]) for rs in seq.values()]
     colour = [PALETTE[a] for a in kinds] if len(set(kinds)) == len(kinds) else PALETTE * len(seq)
-    f, fb = _font(12), _font(14)
-    pw, ph, ncol = 300, 210, 4
+    ncol = min(4, len(cols))
     nrow = math.ceil(len(cols) / ncol)
-    legend_h = 22 * len(seq) + 10
-    img = Image.new("RGB", (max(ncol * pw + 20, 900), nrow * ph + 50 + legend_h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), "accuracy (%) of each task across the stages, mean over seeds; x: the base (0), then the model "
-                     "after stage " + ", ".join(f"{i} ({r})" for i, r in enumerate(rows) if i), fill="black", font=fb)
-    for j, c in enumerate(cols):
-        ox, oy = 10 + (j % ncol) * pw, 40 + (j // ncol) * ph
-        box = (ox + 40, oy + 24, ox + pw - 12, oy + ph - 44)
-        _axes(d, box, [str(i) for i in range(len(rows))], f"{c}{' (general)' if j >= ref['n_tasks'] else ''}", f)
-        for k, runs in enumerate(seq.values()):
-            pts = []
-            for i in range(len(rows)):
-                v = mean_std([r["acc"][i][j] * 100 for r in runs if r["acc"][i][j] is not None])[0]
-                if v is not None:
-                    pts.append((box[0] + (i + 0.5) / len(rows) * (box[2] - box[0]),
-                                box[3] - v / 100 * (box[3] - box[1])))
-            if len(pts) > 1:
-                d.line(pts, fill=colour[k], width=2)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[k])
-    ly = 40 + nrow * ph
-    for k, name in enumerate(seq):
-        d.rectangle([20, ly + 22 * k + 4, 34, ly + 22 * k + 16], fill=colour[k])
-        d.text((42, ly + 22 * k + 10), f"{name} ({len(seq[name])} seed(s))", fill="black", font=f, anchor="lm")
-    img.save(path)
-    return True
+    fig = _figure(3.1 * ncol + 0.6, 2.4 * nrow + 1.0 + 0.22 * len(seq))
+    axes = fig.subplots(nrow, ncol, sharey=True, squeeze=False).flatten()
+    x = list(range(len(rows)))
+    for j, (ax, c) in enumerate(zip(axes, cols)):
+        for k, (name, runs) in enumerate(seq.items()):
+            ys = [mean_std([r["acc"][i][j] for r in runs])[0] for i in x]
+            ax.plot(x, [math.nan if y is None else 100 * y for y in ys], marker="o", ms=4, color=colour[k],
+                    label=f"{name} ({len(runs)} seed(s))" if j == 0 else None)
+        ax.set_title(c + (" (general)" if j >= ref["n_tasks"] else ""), fontsize=10)
+        ax.set(xticks=x, ylim=(-3, 103), xlabel="stage")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(cols):]:
+        ax.set_visible(False)
+    fig.supylabel("accuracy (%)")
+    fig.suptitle("accuracy of each task across the stages, mean over seeds\nstage 0: the base; then the model after "
+                 "stage " + ", ".join(f"{i} ({r})" for i, r in enumerate(rows) if i), fontsize=11)
+    fig.legend(loc="outside lower center", ncol=min(3, len(seq)), fontsize=9)
+    return _save(fig, path)
 
 
 def frontier(groups, path):
-    """Stability-plasticity frontier: retention (general tasks, and FM) against new-task gain, one point per group."""
+    """Stability-plasticity frontier: retention (general tasks, and FM) against new-task gain, one numbered point per
+    group (mean and sample std over seeds as error bars), numbered in the legend. Returns the figure."""
+    from matplotlib.lines import Line2D
     summ = summary(groups)
-    f, fb = _font(12), _font(14)
-    img = Image.new("RGB", (1000, 520), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), "stability vs plasticity: each point is a run group (mean over seeds); x = new-task gain (points)",
-           fill="black", font=fb)
-    gains = [s["Gain"][0] for s in summ.values() if s["Gain"][0] is not None] or [0.0]
-    xmin, xmax = min(0.0, min(gains)) - 2, max(gains) + 2
-    panels = [("Retention", "general-task retention (points)"), ("FM", "forgetting FM (points)")]
-    for p, (key, ylab) in enumerate(panels):
-        vals = [s[key][0] for s in summ.values() if s[key][0] is not None] or [0.0]
-        ymin, ymax = min(min(vals), 0.0) - 2, max(max(vals), 0.0) + 2
-        box = (70 + p * 490, 60, 460 + p * 490, 420)
-        d.rectangle(box, outline="black")
-        d.text((box[0], box[1] - 8), ylab, fill="black", font=f, anchor="ls")
-        for t in range(5):  # ticks
-            yv = ymin + t * (ymax - ymin) / 4
-            y = box[3] - (yv - ymin) / (ymax - ymin) * (box[3] - box[1])
-            d.text((box[0] - 6, y), f"{yv:.0f}", fill="black", font=f, anchor="rm")
-            xv = xmin + t * (xmax - xmin) / 4
-            x = box[0] + (xv - xmin) / (xmax - xmin) * (box[2] - box[0])
-            d.text((x, box[3] + 6), f"{xv:.0f}", fill="black", font=f, anchor="ma")
-        y0 = box[3] - (0 - ymin) / (ymax - ymin) * (box[3] - box[1])
-        d.line([box[0], y0, box[2], y0], fill=(200, 200, 200))
-        for k, (name, s) in enumerate(summ.items()):
-            if s["Gain"][0] is None or s[key][0] is None:
+    cfg = {name: rs[0]["config"] for name, rs in groups.items()}
+    fig = _figure(12, 5.6 + 0.2 * math.ceil(len(summ) / 2))
+    for ax, (key, ylab) in zip(fig.subplots(1, 2), [("Retention", "general-task retention"), ("FM", "forgetting FM")]):
+        ax.axhline(0, color="0.75", lw=1, zorder=0)
+        shown = 0
+        for k, (name, s) in enumerate(summ.items(), 1):
+            (x, sx), (y, sy) = s["Gain"], s[key]
+            if x is None or y is None:
                 continue
-            x = box[0] + (s["Gain"][0] - xmin) / (xmax - xmin) * (box[2] - box[0])
-            y = box[3] - (s[key][0] - ymin) / (ymax - ymin) * (box[3] - box[1])
-            col = PALETTE[arm(groups[name][0]["config"])]
-            d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=col)
-            d.text((x + 7, y), name.split(" ", 1)[-1].replace("sft_data=", ""), fill=col, font=f, anchor="lm")
-        d.text(((box[0] + box[2]) / 2, box[3] + 24), "new-task gain (points)", fill="black", font=f, anchor="ma")
-    d.text((70, 480), f"{ARM_LEGEND}   (labels: the run's settings)", fill="black", font=f)
-    img.save(path)
+            ax.errorbar(x, y, xerr=sx or None, yerr=sy or None, ls="", ms=14, elinewidth=1, capsize=2, alpha=0.9,
+                        **_marker(cfg[name]))
+            ax.annotate(str(k), (x, y), ha="center", va="center", fontsize=7, color="white", weight="bold")
+            shown += 1
+        if not shown:
+            ax.text(0.5, 0.5, f"no group has {key}", transform=ax.transAxes, ha="center", color="0.4")
+        ax.set(xlabel="new-task gain (accuracy points, %)", ylabel=f"{ylab} (accuracy points, %)",
+               title=f"{ylab} against new-task gain")
+        ax.grid(alpha=0.3)
+    fig.suptitle("stability vs plasticity: one point per run group (mean ± std over seeds)")
+    fig.legend(handles=[Line2D([], [], ls="", ms=8, label=f"{k}: {name} ({s['seeds']} seed(s))", **_marker(cfg[name]))
+                        for k, (name, s) in enumerate(summ.items(), 1)],
+               loc="outside lower left", ncol=2 if len(summ) > 4 else 1, fontsize=9, title="run groups")
+    fig.legend(handles=_key(cfg.values()), loc="outside lower right", fontsize=9, title="colour and marker")
+    return _save(fig, path)
 
 
 def arm(config):
@@ -408,7 +394,8 @@ def arm(config):
     return 2 if config.get("sft_data", "gold") != "gold" else 0
 
 
-ARM_LEGEND = "blue: SFT on labels   green: SFT on own / base samples   red: RFT"
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+ARM_LEGEND = ("SFT on labels", "RFT", "SFT on own / base samples")  # blue, red, green
 
 
 def kl_points(runs):
@@ -421,50 +408,47 @@ def kl_points(runs):
     return pts
 
 
-def kl_picture(runs, path):
-    """Forgetting (general retention, and FM) against the forward KL to the base, one point per run, with the
-    least-squares line and its R^2."""
+def kl_figure(runs):
+    """kl_picture's figure and fits: (None, None) with fewer than 3 runs that recorded a KL. Each fit line is drawn
+    only between the smallest and the largest KL of its points (the Line2D with gid "fit")."""
+    from matplotlib.lines import Line2D
     pts = kl_points(runs)
     if len(pts) < 3:
-        return None
-    f, fb = _font(12), _font(14)
-    img = Image.new("RGB", (1000, 520), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), "forgetting against the forward KL(base || model) on the CPT tasks' prompts; one point per run",
-           fill="black", font=fb)
-    xs = [p[0] for p in pts]
-    xmin, xmax = min(0.0, min(xs)), max(xs) * 1.05 + 1e-9
+        return None, None
+    cfgs = [r["config"] for r in runs if distance_metrics(r)["KL"] is not None]  # kl_points' runs, in its order
+    fig = _figure(12, 5.6)
     fits = {}
-    for panel, (col, key, ylab) in enumerate([(1, "Retention", "general-task retention (points)"),
-                                              (2, "FM", "forgetting FM (points)")]):
-        sub = [(p[0], p[col], p[3]) for p in pts if p[col] is not None]
+    for ax, (col, key, ylab) in zip(fig.subplots(1, 2), [(1, "Retention", "general-task retention"),
+                                                         (2, "FM", "forgetting FM")]):
+        sub = [(p[0], p[col], c) for p, c in zip(pts, cfgs) if p[col] is not None]
+        ax.axhline(0, color="0.75", lw=1, zorder=0)
+        ax.set(xlabel="KL(base ‖ model) on the CPT tasks' prompts (nats per prompt)",
+               ylabel=f"{ylab} (accuracy points, %)")
+        ax.grid(alpha=0.3)
         if not sub:
+            ax.text(0.5, 0.5, f"no run has {key}", transform=ax.transAxes, ha="center", color="0.4")
             continue
-        ys = [y for _, y, _ in sub]
-        ymin, ymax = min(min(ys), 0.0) - 2, max(max(ys), 0.0) + 2
-        box = (70 + panel * 490, 60, 460 + panel * 490, 420)
-        sx = lambda x: box[0] + (x - xmin) / (xmax - xmin) * (box[2] - box[0])  # noqa: E731
-        sy = lambda y: box[3] - (y - ymin) / (ymax - ymin) * (box[3] - box[1])  # noqa: E731
-        d.rectangle(box, outline="black")
-        d.line([box[0], sy(0), box[2], sy(0)], fill=(210, 210, 210))
-        for t in range(5):
-            yv, xv = ymin + t * (ymax - ymin) / 4, xmin + t * (xmax - xmin) / 4
-            d.text((box[0] - 6, sy(yv)), f"{yv:.0f}", fill="black", font=f, anchor="rm")
-            d.text((sx(xv), box[3] + 6), f"{xv:.2f}", fill="black", font=f, anchor="ma")
-        fit = linear_fit([x for x, _, _ in sub], ys)
-        fits[key] = fit
+        for x, y, c in sub:
+            ax.plot(x, y, ls="", ms=7, alpha=0.85, **_marker(c))
+        xs, ys = [x for x, _, _ in sub], [y for _, y, _ in sub]
+        fit = fits[key] = linear_fit(xs, ys)
         if fit:
             a, b, r2 = fit
-            d.line([sx(xmin), sy(a + b * xmin), sx(xmax), sy(a + b * xmax)], fill=(120, 120, 120), width=2)
-        title = f"{ylab}" + (f"   fit: {fit[0]:+.1f} {fit[1]:+.1f} x KL, R^2 = {fit[2]:.2f}" if fit else "")
-        d.text((box[0], box[1] - 8), title, fill="black", font=f, anchor="ls")
-        for x, y, kind in sub:
-            col_ = PALETTE[kind]
-            d.ellipse([sx(x) - 5, sy(y) - 5, sx(x) + 5, sy(y) + 5], fill=col_)
-        d.text(((box[0] + box[2]) / 2, box[3] + 24), "KL to the base (nats per prompt)", fill="black", font=f,
-               anchor="ma")
-    d.text((70, 480), f"{ARM_LEGEND}   ({len(pts)} runs)", fill="black", font=f)
-    img.save(path)
+            ax.plot([min(xs), max(xs)], [a + b * min(xs), a + b * max(xs)], color="0.4", lw=1.5, zorder=1, gid="fit")
+        ax.set_title(f"{ylab}: " + (f"fit {a:.1f} {'−' if b < 0 else '+'} {abs(b):.1f} × KL, R² = {r2:.2f}"
+                                    if fit else "no fit"), fontsize=10)
+    fig.suptitle(f"forgetting against the forward KL to the base; one point per run ({len(pts)} runs)")
+    fit_key = Line2D([], [], color="0.4", lw=1.5, label="least-squares fit, over its points' KL range")
+    fig.legend(handles=_key(cfgs) + [fit_key], loc="outside lower center", ncol=4, fontsize=9)
+    return fig, fits
+
+
+def kl_picture(runs, path):
+    """Forgetting (general retention, and FM) against the forward KL to the base, one point per run, with the
+    least-squares line and its R^2. Returns the fits {"Retention": (a, b, R^2) or None, "FM": ...}, or None."""
+    fig, fits = kl_figure(runs)
+    if fig is not None:
+        _save(fig, path)
     return fits
 
 
@@ -505,33 +489,37 @@ def report(paths, out, do_frontier=False):
         with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, os.path.join(out, "report.md"))
-        common.write_json(os.path.join(out, "summary.json"), summary(groups))
+        runtime.write_json(os.path.join(out, "summary.json"), summary(groups))
         print(f"report: {os.path.join(out, 'report.md')} and {len(pictures)} picture(s)")
     return groups
 
 
 def evaluate_checkpoint(args):
-    _, _, device = common.init_dist()
-    common.seed_all(0, "eval")
-    lm = common.load_model(args.paths[0], device)
+    _, _, device = runtime.init_dist()
+    runtime.seed_all(0, "eval")
+    lm = runtime.load_model(args.paths[0], device)
     for spec in args.tasks:
-        items = common.eval_items(spec, args.eval_n)
+        items = eval_items(spec, args.eval_n)
         if not lm.is_vlm and any(it["images"] for it in items):
             raise SystemExit(f"task {spec} has images but {args.paths[0]} is a text-only model")
-        acc, rew = common.evaluate_task(lm, items, args.format, device, args.eval_batch, desc=spec)
-        common.print0(f"{common.task_name(spec):14s} accuracy {100 * acc:5.1f}% of {len(items)} items   "
-                      f"mean reward {rew:.3f}")
-    common.cleanup()
+        budget = args.max_new_tokens or NEW_TOKENS[args.format]
+        acc, rew, cut = evaluate_task(lm, items, args.format, device, budget, args.eval_batch, desc=spec)
+        runtime.print0(f"{task_name(spec):14s} accuracy {100 * acc:5.1f}% of {len(items)} items   "
+                       f"mean reward {rew:.3f}   replies cut at {budget} tokens {100 * cut:.0f}%")
+    runtime.cleanup()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run folders (with results.json), or one model folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("paths", nargs="+", help="run folders (with results.json) to compare, or one model to evaluate "
+                                            "(an HF checkpoint folder or a .gguf file)")
     g = p.add_argument_group("evaluating a model")
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE + DEFAULT_GENERAL, help="built-in names or JSONL")
     g.add_argument("--format", default="plain", choices=FORMATS, help="answer format")
     g.add_argument("--eval_n", type=int, default=500, help="test items per task")
     g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size")
+    g.add_argument("--max_new_tokens", type=int, default=None, help=f"greedy completion budget (None: by --format, "
+                                                                     f"{NEW_TOKENS})")
     g = p.add_argument_group("comparing runs")
     g.add_argument("--report", default=None, help="folder for report.md, summary.json and the PNG pictures")
     g.add_argument("--frontier", action="store_true", help="also plot retention against new-task gain")
@@ -541,7 +529,8 @@ def main(argv=None):
     if len(args.paths) == 1 and (os.path.exists(os.path.join(args.paths[0], "config.json"))
                                  or args.paths[0].endswith(".gguf")):
         return evaluate_checkpoint(args)
-    raise SystemExit("give run folders (each with results.json) or one model folder (with config.json)")
+    raise SystemExit("give run folders (each with results.json), or one model: a folder with config.json or a .gguf "
+                     "file")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ then keep the instances that can teach the model:
   zero_variance    drop all-wrong and all-right instances: no reward variance, so no GRPO gradient (P1's reading)
   pass_rate LO HI  keep LO < pass rate < HI (open-r1's offline filter)
 
-Rewards are compared with a tolerance (common.REWARD_TOL), never with ==: 0.9*1 + 0.1*1 is not exactly 1.0 in floats.
-The filter itself (common.keep, common.filter_items) lives in the shared runtime, since cpt_rft.py --rif runs it too;
-this script is its stand-alone front end and adds the data view below.
+Rewards are compared with a tolerance (REWARD_TOL), never with ==: 0.9*1 + 0.1*1 is not exactly 1.0 in floats.
+The filter is here, written out (`keep`, `filter_items`); cpt_rft.py --rif imports it and runs it at the start of
+every stage, and `main` below is its stand-alone front end, with the data view.
 --emit correct writes the correct rollouts themselves as an SFT data set (P2's "RFT-simulated rollouts").
 The stats also give P2's data view: the NLL under the model (per token and per answer) of the gold answers (what
 SFT would teach: on a multi-answer task the canonical one), of its own rollouts and of its own correct rollouts
@@ -24,12 +24,63 @@ cpt_rft.py --rif MODE runs the same filter at the start of every stage with the 
 import argparse
 import json
 import os
+import time
 
 import torch
 
-import common
+import runtime
+from loop import NEW_TOKENS, HelpFormatter, refuse
 from data.rewards import FORMATS
 from data.tasks import BUILTIN, DataError, load_split, task_name
+
+
+# ----------------------------------------------------------------------------- the reward-variance filter (RIF-RFT)
+
+REWARD_TOL = 1e-6  # rewards closer than this are equal: 0.9*1 + 0.1*1 is not exactly 1.0 in floats
+
+def zero_variance(rewards, tol=REWARD_TOL):
+    """True when all K rewards are equal within tol: the group's rewards cannot rank its samples."""
+    return max(rewards) - min(rewards) <= tol
+
+def pass_rate(correct):
+    """Fraction of the K rollouts that are entirely correct."""
+    return sum(bool(c) for c in correct) / len(correct)
+
+def keep(mode, rewards, correct, low=0.0, high=1.0, tol=REWARD_TOL):
+    """Whether an instance with these K rollouts is kept under a filter mode:
+      incompetent     drop instances whose K rollouts are all wrong (pass rate 0)
+      zero_variance   drop every instance whose K rewards are equal (all wrong or all right): no GRPO gradient
+      pass_rate       keep low < pass rate < high (open-r1's offline filter)"""
+    if mode == "none":
+        return True
+    if mode == "incompetent":
+        return pass_rate(correct) > 0
+    if mode == "zero_variance":
+        return not zero_variance(rewards, tol)
+    if mode == "pass_rate":
+        return low + tol < pass_rate(correct) < high - tol
+    raise ValueError(f"unknown filter mode {mode!r}")
+
+def pass_count_histogram(correct_counts, k):
+    """How many instances had 0, 1, ..., K correct rollouts (K + 1 bins: 7/8 and 8/8 are different instances)."""
+    counts = [0] * (k + 1)
+    for c in correct_counts:
+        counts[c] += 1
+    return counts
+
+def filter_items(lm, items, mode, fmt, k, temperature, max_new_tokens, device, gen_batch=256, low=0.0, high=1.0):
+    """Roll out this rank's items K times; return (a keep flag per item, stats summed over ranks, the rollout
+    table)."""
+    t0 = time.time()
+    table = runtime.rollout(lm, items, fmt, k, temperature, max_new_tokens, device, gen_batch)
+    flags = [keep(mode, row["rewards"], [s.correct for s in row["scores"]], low, high) for row in table]
+    n_correct = [sum(s.correct for s in row["scores"]) for row in table]
+    tokens = sum(len(c) for row in table for c in row["completions"])
+    n, n_kept, tokens, *hist = runtime.all_sum([len(items), sum(flags), tokens] + pass_count_histogram(n_correct, k), device)
+    stats = {"mode": mode, "k": k, "instances": int(n), "kept": int(n_kept), "kept_fraction": n_kept / n,
+             "correct_rollouts_histogram": [int(h) for h in hist], "rollout_tokens": int(tokens),
+             "rollout_seconds": round(time.time() - t0, 2)}
+    return flags, stats, table
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -47,18 +98,18 @@ def data_nll(lm, table, fmt, device, batch_size=64):
     """Per-token NLL under the model (temperature 1) of three data sets built from this rank's rollout table:
     the gold answers as SFT would teach them, the model's own rollouts, and its own correct rollouts (P2's
     "RFT-simulated" SFT data). Sums over all ranks; every rank runs the same number of forwards (FSDP)."""
-    sets = {"gold": [(row["item"], common.target_ids(lm, row["item"]["answer"], fmt)) for row in table],
+    sets = {"gold": [(row["item"], runtime.target_ids(lm, row["item"]["answer"], fmt)) for row in table],
             "own": [(row["item"], c) for row in table for c in row["completions"]],
             "own_correct": [(row["item"], c) for row in table for c, s in zip(row["completions"], row["scores"])
                             if s.correct]}
     out = {}
     for name, pairs in sets.items():
         nll = tokens = 0.0
-        for chunk, real in common.equal_chunks(pairs, batch_size, device, (table[0]["item"], [lm.eos_id])):
-            logp, mask = common.token_logprobs(lm, [x for x, _ in chunk], fmt, [y for _, y in chunk], device)
+        for chunk, real in runtime.equal_chunks(pairs, batch_size, device, (table[0]["item"], [lm.eos_id])):
+            logp, mask = runtime.token_logprobs(lm, [x for x, _ in chunk], fmt, [y for _, y in chunk], device)
             s, n = token_nll(logp, mask)
             nll, tokens = nll + real * s, tokens + real * n
-        nll, tokens, answers = common.all_sum([nll, tokens, len(pairs)], device)
+        nll, tokens, answers = runtime.all_sum([nll, tokens, len(pairs)], device)
         out[f"{name}_nll_per_token"] = round(nll / tokens, 4) if tokens else None
         # per answer too: a one-word answer is two tokens (the word and the end of turn), and the second is
         # almost free, so the per-token figure halves a one-word answer's distance
@@ -67,9 +118,9 @@ def data_nll(lm, table, fmt, device, batch_size=64):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=common.DEFAULT_MODEL, help="HF checkpoint folder or .gguf file")
+    g.add_argument("--model", default=runtime.DEFAULT_MODEL, help="HF checkpoint folder or .gguf file")
     g.add_argument("--task", required=True, help="built-in task name or JSONL file")
     g.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to filter")
     g.add_argument("--n", type=int, default=256, help="instances (built-in tasks; JSONL: all lines if omitted)")
@@ -77,29 +128,33 @@ def main(argv=None):
     g = p.add_argument_group("rollouts")
     g.add_argument("--k", type=int, default=8, help="rollouts per instance")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--max_new_tokens", type=int, default=16, help="rollout length")
+    g.add_argument("--max_new_tokens", type=int, default=None, help=f"rollout budget (None: by --format, {NEW_TOKENS})")
     g.add_argument("--gen_batch", type=int, default=256, help="sequences per generate call")
     g = p.add_argument_group("filter and output")
-    g.add_argument("--mode", default="zero_variance", choices=["none", "incompetent", "zero_variance", "pass_rate"])
+    g.add_argument("--mode", default="zero_variance", choices=["none", "incompetent", "zero_variance", "pass_rate"],
+                   help="which instances to keep (see above)")
     g.add_argument("--low", type=float, default=0.1, help="pass_rate mode: keep pass rate above this")
     g.add_argument("--high", type=float, default=0.9, help="pass_rate mode: keep pass rate below this")
     g.add_argument("--emit", default="kept", choices=["kept", "correct"], help="write kept instances or correct rollouts")
     g.add_argument("--out", default="runs/filter", help="output folder (kept.jsonl or correct.jsonl, stats.json)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the rollouts' sampling")
     args = p.parse_args(argv)
+    args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[args.format]
     errors = [f"--{k} {getattr(args, k)}: must be at least 1" for k in ("n", "k", "max_new_tokens", "gen_batch")
               if getattr(args, k) < 1]
+    if not (args.temperature > 0 and args.temperature < float("inf")):
+        errors.append(f"--temperature {args.temperature}: must be a positive number")
     try:
         items = load_split(args.task, args.split, args.n if args.task in BUILTIN else None)
     except (DataError, KeyError) as e:
         errors.append(str(e))
-    common.refuse(errors)
+    refuse(errors)
 
-    _, _, device = common.init_dist()
-    common.seed_all(args.seed, "filter")
-    lm = common.load_model(args.model, device)
-    mine = items[common.rank()::common.world()]
-    flags, stats, table = common.filter_items(lm, mine, args.mode, args.format, args.k, args.temperature,
+    _, _, device = runtime.init_dist()
+    runtime.seed_all(args.seed, "filter")
+    lm = runtime.load_model(args.model, device)
+    mine = items[runtime.rank()::runtime.world()]
+    flags, stats, table = filter_items(lm, mine, args.mode, args.format, args.k, args.temperature,
                                               args.max_new_tokens, device, args.gen_batch, args.low, args.high)
     stats.update(data_nll(lm, table, args.format, device))
     os.makedirs(args.out, exist_ok=True)
@@ -113,24 +168,24 @@ def main(argv=None):
             rows += [{**it, "answer": t, "gold": it["answer"]} for t, s in zip(row["texts"], row["scores"])
                      if s.correct]
     # every rank writes its part; rank 0 then joins them, so the output does not depend on the world size's order
-    part = os.path.join(args.out, f".{name}.rank{common.rank()}")
+    part = os.path.join(args.out, f".{name}.rank{runtime.rank()}")
     img_dir = os.path.join(args.out, "images")
     with open(part, "w") as f:
         for i, r in enumerate(rows):
-            f.write(json.dumps(_jsonable(r, img_dir, f"{common.rank()}-{i}", args.out)) + "\n")
-    if common.is_dist():
+            f.write(json.dumps(_jsonable(r, img_dir, f"{runtime.rank()}-{i}", args.out)) + "\n")
+    if runtime.is_dist():
         torch.distributed.barrier()
-    if common.rank() == 0:
+    if runtime.rank() == 0:
         with open(os.path.join(args.out, name + ".tmp"), "w") as f:
-            for r in range(common.world()):
+            for r in range(runtime.world()):
                 pth = os.path.join(args.out, f".{name}.rank{r}")
                 f.write(open(pth).read())
                 os.remove(pth)
         os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
         stats.update(task=task_name(args.task), model=args.model, format=args.format, emitted=name)
-        common.write_json(os.path.join(args.out, "stats.json"), stats)
-        common.print0(json.dumps(stats, indent=1))
-    common.cleanup()
+        runtime.write_json(os.path.join(args.out, "stats.json"), stats)
+        runtime.print0(json.dumps(stats, indent=1))
+    runtime.cleanup()
 
 
 def _jsonable(item, img_dir, tag, root):

@@ -108,13 +108,16 @@ def extract_answer(text, fmt="plain"):
 # ----------------------------------------------------------------------------- normalisation
 
 _ARTICLE = re.compile(r"^(a|an|the)\s+")
+_MARKS = "`´"
 
 
 def normalize(s):
     """Lower case, unicode NFKC, punctuation to spaces (keeping decimal points), spaces collapsed,
     a leading article dropped: "  The Red. " -> "red"."""
     s = unicodedata.normalize("NFKC", s).lower().strip()
-    s = "".join(" " if unicodedata.category(c).startswith("P") and c != "." else c for c in s)
+    # quotes, emphasis and code marks around an answer are no part of it: `new`, "new", “new”, **new** read new
+    # (the backtick is a modifier symbol in Unicode, not punctuation, so it is named)
+    s = "".join(" " if (unicodedata.category(c).startswith("P") or c in _MARKS) and c != "." else c for c in s)
     s = re.sub(r"\.(?!\d)", " ", s)  # a period that is not a decimal point
     s = " ".join(s.split())
     return _ARTICLE.sub("", s)

@@ -346,6 +346,14 @@ def load_jsonl(path):
             for p in paths:
                 if not os.path.isfile(p):
                     raise DataError(f"{where}: image not found: {p}")
+                try:
+                    with Image.open(p) as im:
+                        im.verify()  # reads the header and checks the file's structure, without decoding it
+                except Exception as e:  # PIL raises several kinds for a file that is no image
+                    raise DataError(f"{where}: {p} is not an image PIL can read ({type(e).__name__}: {e})") from None
+            if not str(row["answer"]).strip():
+                raise DataError(f"{where}: the answer is empty; SFT would teach an empty reply and every verifier "
+                                f"would score it wrong: give the answer, or drop the line")
             problem = str(row["problem"])
             if problem.count("<image>") not in (0, len(paths)):
                 raise DataError(f"{where}: {problem.count('<image>')} <image> placeholders for {len(paths)} images")

@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import runtime  # noqa: E402
 
 SHAPES = {  # Qwen2.5-VL-3B / 7B-Instruct shapes (config.json of the released checkpoints)
     "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -49,9 +49,9 @@ def gpu_peak(device):
 def build(shape, device, grad_ckpt=False):
     """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer."""
     if shape == "tiny":
-        return common.load_model(common.DEFAULT_MODEL, device, grad_ckpt=grad_ckpt)
+        return runtime.load_model(runtime.DEFAULT_MODEL, device, grad_ckpt=grad_ckpt)
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-    cfg = AutoConfig.from_pretrained(common.DEFAULT_MODEL)
+    cfg = AutoConfig.from_pretrained(runtime.DEFAULT_MODEL)
     s = SHAPES[shape]
     for k, v in s["text"].items():
         setattr(cfg.text_config, k, v)
@@ -62,7 +62,7 @@ def build(shape, device, grad_ckpt=False):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(cfg)
-    b = common.load_model(common.DEFAULT_MODEL, "cpu")  # its tokenizer and image processor
+    b = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")  # its tokenizer and image processor
     b.model = model
     return b
 
@@ -78,14 +78,14 @@ def main():
     p.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 patches, 64 tokens)")
     p.add_argument("--grad_ckpt", action="store_true")
     a = p.parse_args()
-    _, world, device = common.init_dist()
+    _, world, device = runtime.init_dist()
     b = build(a.shape, device, a.grad_ckpt)
     if a.shape != "tiny":  # the tiny base came through load_model, already sharded and checkpointed as asked
         if a.grad_ckpt:
             b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if common.is_dist():
-            common.shard_model(b.model, device)
-    common.configure(b, a.image ** 2, a.image ** 2)
+        if runtime.is_dist():
+            runtime.shard_model(b.model, device)
+    runtime.configure(b, a.image ** 2, a.image ** 2)
     from PIL import Image
     items = [{"problem": "<image>Describe the picture in detail.", "answer": "x", "kind": "exact",
               "images": [Image.new("RGB", (a.image, a.image), (i * 7 % 255, 90, 160))]} for i in range(a.batch)]
@@ -99,12 +99,12 @@ def main():
     sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
 
     def sft():
-        logp, mask = common.token_logprobs(b, items, "plain", answer, device)
+        logp, mask = runtime.token_logprobs(b, items, "plain", answer, device)
         (-(logp * mask).sum() / mask.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    batch, lp, _ = common.encode(b, items, "plain", answer)
+    batch, lp, _ = runtime.encode(b, items, "plain", answer)
     tokens, patches = batch["attention_mask"].sum().item(), batch["pixel_values"].shape[0]
     flops = train_flops(n_text, n_vis, cfg.num_hidden_layers, cfg.hidden_size, tokens, batch["input_ids"].shape[1],
                         patches) * world
@@ -115,9 +115,9 @@ def main():
         sft()
     sync()
     dt = (time.time() - t0) / a.steps
-    common.print0(f"{a.shape}: text {n_text / 1e9:.3f}B + vision {n_vis / 1e9:.3f}B matmul params; world {world}; "
+    runtime.print0(f"{a.shape}: text {n_text / 1e9:.3f}B + vision {n_vis / 1e9:.3f}B matmul params; world {world}; "
                   f"image tokens per sample {lp and int(batch['mm_token_type_ids'][0].sum())}")
-    common.print0(f"SFT  batch {a.batch}x{batch['input_ids'].shape[1]} tokens/rank: {dt:.3f} s/step, "
+    runtime.print0(f"SFT  batch {a.batch}x{batch['input_ids'].shape[1]} tokens/rank: {dt:.3f} s/step, "
                   f"{tokens * world / dt:,.0f} tokens/s" + (f", MFU {100 * mfu(flops, dt, peak, world):.1f}%"
                                                              if peak else ", MFU n/a (no known GPU peak)"))
     # GRPO: rollout (generate G per prompt) + one update on all G x batch sequences
@@ -128,7 +128,7 @@ def main():
     for step in range(a.steps + 1):
         sync()
         t0 = time.time()
-        comps, _ = common.generate(b, [it for it in prompts for _ in range(a.group)], "plain", a.max_new_tokens,
+        comps, _ = runtime.generate(b, [it for it in prompts for _ in range(a.group)], "plain", a.max_new_tokens,
                                    device=device)
         sync()
         t1 = time.time()
@@ -141,11 +141,11 @@ def main():
             t_upd += time.time() - t1
             gen += sum(len(c) for c in comps)
     n = a.steps
-    common.print0(f"GRPO {len(prompts)} prompts x G={a.group}, {a.max_new_tokens} new tokens: rollout "
+    runtime.print0(f"GRPO {len(prompts)} prompts x G={a.group}, {a.max_new_tokens} new tokens: rollout "
                   f"{t_roll / n:.3f} s ({gen * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s; "
                   f"rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
-    common.print0(common.peak_memory(device))
-    common.cleanup()
+    runtime.print0(runtime.peak_memory(device))
+    runtime.cleanup()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import runtime  # noqa: E402
 from cpt_rft import GRPOConfig, grpo_update  # noqa: E402
 from cpt_sft import sft_step  # noqa: E402
 from data.tasks import builtin_items  # noqa: E402
@@ -25,7 +25,7 @@ def main():
     p.add_argument("--loss_agg", default="token_mean")
     a = p.parse_args()
     torch.use_deterministic_algorithms(True)
-    rank, world, device = common.init_dist()
+    rank, world, device = runtime.init_dist()
     # count checkpoint reads per rank: under torchrun only rank 0 may read (and hold) the whole model
     import transformers
     reads, read = [0], transformers.AutoModelForImageTextToText.from_pretrained.__func__
@@ -35,17 +35,17 @@ def main():
         return read(cls, *args, **kw)
     transformers.AutoModelForImageTextToText.from_pretrained = classmethod(counting)
     torch.manual_seed(0)
-    b = common.load_model(common.DEFAULT_MODEL, device)   # sharded under torchrun: rank 0 reads, all get a shard
+    b = runtime.load_model(runtime.DEFAULT_MODEL, device)   # sharded under torchrun: rank 0 reads, all get a shard
     if a.lengths:
         eos_bias = torch.zeros(b.model.config.text_config.vocab_size)
         eos_bias[b.eos_id] = 50.0 if rank == 0 else -1e9  # rank 0: one token; rank 1: the whole budget
         b.model.lm_head.register_forward_hook(lambda m, i, o: o + eos_bias)
-        comps, trunc = common.generate(b, builtin_items("color", "test", 3), "plain", 12, device=device)
-        lens = common.all_sum([max(map(len, comps)) if r == rank else 0 for r in range(world)], device)
+        comps, trunc = runtime.generate(b, builtin_items("color", "test", 3), "plain", 12, device=device)
+        lens = runtime.all_sum([max(map(len, comps)) if r == rank else 0 for r in range(world)], device)
         if rank == 0:
             with open(os.path.join(a.out, "lengths.txt"), "w") as f:
                 f.write(" ".join(str(int(x)) for x in lens))
-        common.cleanup()
+        runtime.cleanup()
         return
     # SFT: 3 steps, global batch 8 items split 4 + 4 over two ranks
     items = builtin_items("left_color", "train", 24) + builtin_items("add", "train", 24)
@@ -56,20 +56,20 @@ def main():
     per = 8 // world
     for step in range(3):
         batch = items[step * 8:(step + 1) * 8][rank * per:(rank + 1) * per]
-        pairs = [(it, common.target_ids(b, it["answer"], "plain")) for it in batch]
+        pairs = [(it, runtime.target_ids(b, it["answer"], "plain")) for it in batch]
         loss, _, _ = sft_step(b, opt, pairs, "plain", 2, device, batch[0])   # micro-batch 2: accumulation too
         losses.append(loss)
     # uneven SFT, as --sft_data self gives: the global pairs split 3 + 1, then 4 + 0 (micro-batch 1); image items
     # on every rank, since a VLM's vision tower is an FSDP unit that every rank must run alike
     uneven = builtin_items("top_color", "train", 8)
     for step, split in ((0, 3), (1, 4)):
-        pairs = [(it, common.target_ids(b, it["answer"], "plain")) for it in uneven[step * 4:step * 4 + 4]]
+        pairs = [(it, runtime.target_ids(b, it["answer"], "plain")) for it in uneven[step * 4:step * 4 + 4]]
         mine = pairs if world == 1 else (pairs[:split] if rank == 0 else pairs[split:])
         loss, _, _ = sft_step(b, opt, mine, "plain", 1, device, uneven[0])
         losses.append(loss)
     # GRPO: fixed "rollouts" (varied lengths) and advantages, 2 updates, with a KL term to a reference
     args = GRPOConfig(micro_batch=3, ppo_epochs=2, kl_coef=0.05, loss_agg=a.loss_agg, max_new_tokens=8)
-    ref = common.load_model(common.DEFAULT_MODEL, device)
+    ref = runtime.load_model(runtime.DEFAULT_MODEL, device)
     pool = builtin_items("right_shape", "train", 8)
     seqs = [(it, b.tok(" ".join(["circle"] * (1 + i % 4)))["input_ids"] + [b.eos_id], (-1) ** i * (0.5 + i / 10))
             for i, it in enumerate(pool)]
@@ -82,16 +82,16 @@ def main():
         extra = (7, 2) if world == 1 else ((7, 2) if rank == 0 else (0, 0))
         m = grpo_update(b, ref, opt, mine, args, device, filler=pool[0], normaliser_extra=extra)
         losses.append(m["grad_norm"])
-    sd = common.full_state_dict(b.model)
-    common.save_checkpoint(b, os.path.join(a.out, f"ckpt-world{world}"))
-    reads = common.all_sum([reads[0] if r == rank else 0 for r in range(world)], device)
+    sd = runtime.full_state_dict(b.model)
+    runtime.save_checkpoint(b, os.path.join(a.out, f"ckpt-world{world}"))
+    reads = runtime.all_sum([reads[0] if r == rank else 0 for r in range(world)], device)
     if rank == 0:
         torch.save({"losses": losses, "state": sd, "reads": reads}, os.path.join(a.out, f"world{world}.pt"))
     # free the sharded models while the process group exists (as run_cpt does): left to interpreter teardown, a gloo
     # rank sometimes aborted at exit ("terminate called without an active exception")
     b.model = ref.model = opt = None
     gc.collect()
-    common.cleanup()
+    runtime.cleanup()
 
 
 if __name__ == "__main__":

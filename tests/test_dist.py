@@ -30,14 +30,14 @@ def test_two_ranks_match_one_process(tmp_path, agg):
     assert one["losses"][:5] == pytest.approx(two["losses"][:5], abs=1e-5)       # SFT losses, even then uneven
     assert one["losses"][5:] == pytest.approx(two["losses"][5:], rel=1e-4)       # GRPO grad norms, with KL
     # the checkpoint written under FSDP by rank 0 loads back with the gathered weights
-    import common
-    back = common.load_model(str(tmp_path / "ckpt-world2"), "cpu").model.state_dict()
+    import runtime
+    back = runtime.load_model(str(tmp_path / "ckpt-world2"), "cpu").model.state_dict()
     assert all(torch.equal(back[k], two["state"][k]) for k in two["state"])
     assert one["state"].keys() == two["state"].keys()
     worst = max((one["state"][k].float() - two["state"][k].float()).abs().max().item() for k in one["state"])
     assert worst < 1e-5
     # and training did move the weights (the comparison is not between two untouched models)
-    base = common.load_model(common.DEFAULT_MODEL, "cpu").model.state_dict()
+    base = runtime.load_model(runtime.DEFAULT_MODEL, "cpu").model.state_dict()
     moved = max((one["state"][k].float() - base[k].float()).abs().max().item() for k in base)
     assert moved > 1e-4
 

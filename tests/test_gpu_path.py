@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-import common
+import loop
+import runtime
 from data.tasks import builtin_items
 from tests.bench import mfu, train_flops
 
@@ -15,20 +16,20 @@ def test_train_flops_and_mfu_by_hand():
 
 
 def test_autocast_policy():
-    assert common.autocast_dtype("cuda", distributed=False) == torch.bfloat16
-    assert common.autocast_dtype("cuda", distributed=True) is None     # FSDP's MixedPrecisionPolicy casts instead
-    assert common.autocast_dtype("cpu", distributed=False) is None
-    assert not common.autocast("cpu")._enabled
+    assert runtime.autocast_dtype("cuda", distributed=False) == torch.bfloat16
+    assert runtime.autocast_dtype("cuda", distributed=True) is None     # FSDP's MixedPrecisionPolicy casts instead
+    assert runtime.autocast_dtype("cpu", distributed=False) is None
+    assert not runtime.autocast("cpu")._enabled
 
 
 def test_pixel_flags_change_image_tokens_and_grad_ckpt_runs():
-    b = common.load_model(common.DEFAULT_MODEL, "cpu", grad_ckpt=True)
-    assert common.image_tokens(b, ["color"]) == {"color": 9}
-    common.configure(b, min_pixels=168 * 168, max_pixels=168 * 168)
-    assert common.image_tokens(b, ["color"]) == {"color": 36}   # 84 -> 168 pixels a side: 4x the tokens
+    b = runtime.load_model(runtime.DEFAULT_MODEL, "cpu", grad_ckpt=True)
+    assert loop.image_tokens(b, ["color"]) == {"color": 9}
+    runtime.configure(b, min_pixels=168 * 168, max_pixels=168 * 168)
+    assert loop.image_tokens(b, ["color"]) == {"color": 36}   # 84 -> 168 pixels a side: 4x the tokens
     assert b.model.is_gradient_checkpointing
     b.model.train()
     items = builtin_items("color", "test", 2)
-    logp, mask = common.token_logprobs(b, items, "plain", [[b.eos_id]] * 2, "cpu")
+    logp, mask = runtime.token_logprobs(b, items, "plain", [[b.eos_id]] * 2, "cpu")
     (-(logp * mask).sum()).backward()
     assert b.model.lm_head.weight.grad is not None

@@ -107,19 +107,20 @@ def test_a_diverging_run_stops_and_keeps_the_finished_stages(tmp_path, script, e
 
 def test_general_tasks_have_their_own_evaluation_count():
     import argparse
-    import common
+    import loop
     args = argparse.Namespace(tasks=["left_color", "jigsaw"], general=["color", "add"], eval_n=200, general_n=500)
-    assert common.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 500, "add": 500}
+    assert loop.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 500, "add": 500}
     args.general_n = None  # default: the same count as the CPT tasks
-    assert common.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 200, "add": 200}
+    assert loop.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 200, "add": 200}
 
 
 def test_what_the_base_gives_is_computed_once_per_setting(tmp_path, monkeypatch):
     """cached_base: the same settings read the kept value back without computing; another seed (or rank, for
     per-rank values) is another entry."""
     import argparse
-    import common
-    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path))
+    import loop
+    import runtime
+    monkeypatch.setattr(loop, "CACHE_DIR", str(tmp_path))
     args = argparse.Namespace(tasks=["left_color"], general=["color"], eval_n=10, general_n=None, format="plain",
                               eval_split="test")
     calls = []
@@ -127,10 +128,10 @@ def test_what_the_base_gives_is_computed_once_per_setting(tmp_path, monkeypatch)
     def compute(value):
         return lambda: calls.append(value) or {"v": value}
 
-    get = lambda seed, value: common.cached_base("kl-samples", common.DEFAULT_MODEL, args, "cpu",  # noqa: E731
+    get = lambda seed, value: loop.cached_base("kl-samples", runtime.DEFAULT_MODEL, args, "cpu",  # noqa: E731
                                                  compute(value), per_rank=True, seed=seed)
     assert get(0, 1) == {"v": 1} and get(0, 2) == {"v": 1}     # the second call reads the first one's value
     assert get(1, 3) == {"v": 3}                               # another seed: computed
-    monkeypatch.setattr(common, "rank", lambda: 1)
+    monkeypatch.setattr(loop, "rank", lambda: 1)
     assert get(0, 4) == {"v": 4}                               # another rank's own samples
     assert calls == [1, 3, 4]

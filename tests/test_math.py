@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-import common
-from common import keep, pass_count_histogram, pass_rate, zero_variance
+import measure
+import runtime
+from filter import keep, pass_count_histogram, pass_rate, zero_variance
 from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl, silent_groups
 from cpt_sft import sft_loss
 from evaluate import mean_std, metrics, pearson, variance_diagnostic
@@ -234,11 +235,11 @@ def test_variance_diagnostic_reads_grpo_logs():
 # ----------------------------------------------------------------------------- equal forwards on every rank
 
 def test_equal_chunks_pad_a_short_rank_with_stand_ins(monkeypatch):
-    assert list(common.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0)) == [([1, 2], True), ([3, 4], True), ([5], True)]
+    assert list(runtime.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0)) == [([1, 2], True), ([3, 4], True), ([5], True)]
     # another rank has 4 chunks: this one follows with a stand-in pass whose output is thrown away
-    monkeypatch.setattr(common, "all_max", lambda value, device: max(value, 4))
-    assert list(common.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0))[3:] == [([0], False)]
-    assert list(common.equal_chunks([], 2, "cpu", 9)) == [([9], False)] * 4
+    monkeypatch.setattr(runtime, "all_max", lambda value, device: max(value, 4))
+    assert list(runtime.equal_chunks([1, 2, 3, 4, 5], 2, "cpu", 0))[3:] == [([0], False)]
+    assert list(runtime.equal_chunks([], 2, "cpu", 9)) == [([9], False)] * 4
 
 
 # ----------------------------------------------------------------------------- pooling runs as seeds
@@ -291,9 +292,9 @@ def test_kl_estimate_against_a_three_token_distribution_by_hand():
     assert exact == pytest.approx(0.25 * math.log(2))
     # samples drawn from the base in exact proportion (4 draws: token 0 twice, 1 once, 2 once): the estimate is exact
     draws = [0, 0, 1, 2]
-    est = common.kl_estimate([math.log(p[t]) for t in draws], [math.log(q[t]) for t in draws])
+    est = measure.kl_estimate([math.log(p[t]) for t in draws], [math.log(q[t]) for t in draws])
     assert est == pytest.approx(exact)
-    assert common.kl_estimate([-1.0, -2.0], [-1.0, -2.0]) == 0.0       # the base against itself
+    assert measure.kl_estimate([-1.0, -2.0], [-1.0, -2.0]) == 0.0       # the base against itself
 
 
 def test_distance_metrics_read_results_rows():

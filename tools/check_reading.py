@@ -15,7 +15,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from loop import NEW_TOKENS  # noqa: E402
+import runtime  # noqa: E402
 from data.rewards import score  # noqa: E402
 from data.tasks import load_split, task_name  # noqa: E402
 
@@ -32,12 +33,12 @@ def main():
     p.add_argument("--n", type=int, default=200, help="test items per task")
     p.add_argument("--show", type=int, default=3, help="disagreeing replies printed per task")
     args = p.parse_args()
-    lm = common.load_model(args.model, "cpu")
+    lm = runtime.load_model(args.model, "cpu")
     for spec in args.tasks:
         items = load_split(spec, "test", args.n)
         t0 = time.time()
-        comps, _ = common.generate(lm, items, "free", common.max_tokens("free"), greedy=True)
-        replies = [common.decode(lm, c) for c in comps]
+        comps, _ = runtime.generate(lm, items, "free", NEW_TOKENS["free"], greedy=True)
+        replies = [runtime.decode(lm, c) for c in comps]
         ours = [score(r, it["answer"], it["kind"], "free", it.get("candidates", ())).correct
                 for r, it in zip(replies, items)]
         theirs = [gold_as_whole_words(r, it["answer"]) for r, it in zip(replies, items)]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import runtime  # noqa: E402
 from data.tasks import builtin_items  # noqa: E402
 
 
@@ -52,14 +52,14 @@ def first_token_logprobs(lm, items, fmt, device, batch_size=128):
     """[N, vocab] log-probabilities of the first answer token (the sampler's masked softmax at temperature 1)."""
     out = []
     for i in range(0, len(items), batch_size):
-        batch, _, _ = common.encode(lm, items[i:i + batch_size], fmt)
-        logits = lm.model(**common.to_device(batch, device), logits_to_keep=1, use_cache=False).logits[:, -1].float()
-        out.append(F.log_softmax(common.mask_forbidden(logits, lm.forbidden), -1))
+        batch, _, _ = runtime.encode(lm, items[i:i + batch_size], fmt)
+        logits = lm.model(**runtime.to_device(batch, device), logits_to_keep=1, use_cache=False).logits[:, -1].float()
+        out.append(F.log_softmax(runtime.mask_forbidden(logits, lm.forbidden), -1))
     return torch.cat(out)
 
 
 def answer_token(lm, answer, fmt):
-    ids = common.target_ids(lm, answer, fmt)
+    ids = runtime.target_ids(lm, answer, fmt)
     if len(ids) != 2:
         raise SystemExit(f"answer {answer!r} is {len(ids) - 1} tokens; this probe needs one-token answers")
     return ids[0]
@@ -69,14 +69,14 @@ def answer_token(lm, answer, fmt):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="trained model folders to compare with the base")
-    p.add_argument("--base", default=common.DEFAULT_MODEL, help="the starting model")
+    p.add_argument("--base", default=runtime.DEFAULT_MODEL, help="the starting model")
     p.add_argument("--task", default="any_color", help="a built-in task whose answers are one token")
     p.add_argument("--n", type=int, default=200, help="test prompts")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device("cpu")
     items = builtin_items(args.task, "test", args.n)
-    base = common.load_model(args.base, device)
+    base = runtime.load_model(args.base, device)
     valid = [[answer_token(base, a, "plain") for a in it.get("valid", [it["answer"]])] for it in items]
     canonical = [answer_token(base, it["answer"], "plain") for it in items]
     lp_base = first_token_logprobs(base, items, "plain", device)
@@ -87,10 +87,10 @@ def main():
     print(f"{'model':40s} {'entropy':>8s} {'valid':>6s} {'canon.':>6s} {'top,right':>9s} {'top,wrong':>9s} "
           f"{'KL(b||m)':>9s} {'KL(m||b)':>9s} {'end after':>9s}")
     for path in [args.base] + args.models:
-        lm = base if path == args.base else common.load_model(path, device)
+        lm = base if path == args.base else runtime.load_model(path, device)
         lp = lp_base if path == args.base else first_token_logprobs(lm, items, "plain", device)
         # P(end of turn | the model's most likely first token): ~1 means the first-token KL is the answer's KL
-        ends = common.token_logprobs(lm, items, "plain", [[t, lm.eos_id] for t in lp.argmax(-1).tolist()],
+        ends = runtime.token_logprobs(lm, items, "plain", [[t, lm.eos_id] for t in lp.argmax(-1).tolist()],
                                      device)[0][:, 1].exp()
         on_top = lp[range(len(items)), top].exp()
         row = [entropy(lp).mean(), torch.stack([mass(lp[i], v) for i, v in enumerate(valid)]).mean(),

@@ -24,7 +24,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import measure  # noqa: E402
+from loop import NEW_TOKENS  # noqa: E402
+import runtime  # noqa: E402
 from cpt_sft import sft_loss  # noqa: E402
 from data.tasks import BUILTIN, CPT, GENERAL, builtin_items  # noqa: E402
 
@@ -84,7 +86,7 @@ def build():
     improc = Qwen2VLImageProcessor(min_pixels=84 * 84, max_pixels=84 * 84, patch_size=14, merge_size=2,
                                    temporal_patch_size=2)
     model = Qwen2_5_VLForConditionalGeneration(build_config(tok))
-    return common.Bundle(model, tok, improc)
+    return runtime.Bundle(model, tok, improc)
 
 
 def mix(rng, n, weak_weight, vision=None):
@@ -106,7 +108,7 @@ def mix(rng, n, weak_weight, vision=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(common.ROOT, "data", "tiny-base"), help="output folder")
+    p.add_argument("--out", default=os.path.join(runtime.ROOT, "data", "tiny-base"), help="output folder")
     p.add_argument("--steps", type=int, default=4000, help="pre-training steps")
     p.add_argument("--vision_steps", type=int, default=2000, help="first steps on the image general tasks alone (the "
                                                                  "first half without colour)")
@@ -136,8 +138,8 @@ def main():
         vision = (["shape", "side"] if step <= args.vision_steps // 2 else ["color", "shape", "side"]
                   if step <= args.vision_steps else None)
         items = mix(rng, args.batch_size, args.weak_weight, vision)
-        targets = [common.target_ids(lm, it["answer"], "plain") for it in items]
-        logp, mask = common.token_logprobs(lm, items, "plain", targets, device)
+        targets = [runtime.target_ids(lm, it["answer"], "plain") for it in items]
+        logp, mask = runtime.token_logprobs(lm, items, "plain", targets, device)
         loss = sft_loss(logp, mask, mask.sum())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
@@ -145,20 +147,21 @@ def main():
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == args.steps:
-            accs = {n: common.evaluate_task(lm, val[n], "plain", device)[0] for n in suite}
+            accs = {n: measure.evaluate_task(lm, val[n], "plain", device, NEW_TOKENS["plain"])[0] for n in suite}
             lm.model.train()
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:6.0f} s  val acc " +
                   " ".join(f"{n} {100 * a:.0f}%" for n, a in accs.items()), flush=True)
     lm.model.eval()
     lm.saved_generation_config.pad_token_id = lm.pad_id
     lm.saved_generation_config.eos_token_id = lm.eos_id
-    common.save_checkpoint(lm, args.out)
+    runtime.save_checkpoint(lm, args.out)
     print(f"saved {args.out} ({sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)) / 1e6:.1f}"
           f" MB) after {time.time() - t0:.0f} s")
-    lm = common.load_model(args.out, device)  # report on what was saved, through the normal loading path
+    lm = runtime.load_model(args.out, device)  # report on what was saved, through the normal loading path
     print(f"test accuracy, {args.eval_n} items per task, greedy:")
     for n in suite:
-        acc, rew = common.evaluate_task(lm, builtin_items(n, "test", args.eval_n), "plain", device)
+        acc, rew, _ = measure.evaluate_task(lm, builtin_items(n, "test", args.eval_n), "plain", device,
+                                             NEW_TOKENS["plain"])
         print(f"  {n:11s} {'general' if n in GENERAL else 'CPT':8s} accuracy {100 * acc:5.1f}%   mean reward {rew:.3f}")
 
 
