@@ -22,7 +22,7 @@ from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, lo
 from measure import eval_items, evaluate_all, general_loglik, kl_to_base, sample_base
 from runtime import (DEFAULT_MODEL, ROOT, Diverged, Log, all_sum, cleanup, configure, encode, init_dist, is_dist,
                      is_vlm_config, load_model, model_config, peak_memory, planned_world, print0, rank,
-                     save_checkpoint, seed_all, split_model_path, world, write_json)
+                     reshard, save_checkpoint, seed_all, split_model_path, world, write_json)
 
 # the base row of a comparison is computed once and shared by its runs; keyed by everything that changes it
 CACHE_DIR = os.environ.get("CPT_CACHE", os.path.join(ROOT, "runs", ".cache"))
@@ -441,6 +441,7 @@ def run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_i
     t0 = time.time()
     seed_all(args.seed, k, name)
     first_line = len(log.rows)
+    reshard(lm)  # the evaluation passes leave the root gathered: the stage's optimizer must see the shards
     try:
         train_stage(lm, stage_specs, k, log)
     except Diverged as e:

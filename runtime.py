@@ -505,6 +505,15 @@ def _settle_root(model, device):
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its weights gathered after a forward; stale copies would outlive opt.step()
 
+def reshard(lm):
+    """Put every FSDP2 unit back to its shards. The root stays gathered after a forward with no backward (an
+    evaluation pass), and while it is gathered `model.parameters()` returns the gathered copies: an optimizer built
+    then would step on copies that the next reshard throws away, so the root's own weights (embeddings, final
+    norm, LM head) would never learn. Call before building an optimizer."""
+    if is_dist():
+        lm.model.reshard()
+
+
 def full_state_dict(model):
     """The whole model's weights on CPU (gathered from all ranks under FSDP; rank 0 gets them)."""
     if not is_dist():

@@ -80,3 +80,19 @@ def test_torchrun_scripts_with_uneven_work_finish(tmp_path):
                      "--adv", "remax", "--kl_coef", "0.05", "--micro_batch", "2")
     assert res["rows"] == ["base", "left_color", "top_color"]
     assert os.path.exists(os.path.join(tmp_path, "rft", "stage-2", "model.safetensors"))
+
+
+def test_the_same_command_gives_the_same_numbers_whether_the_base_row_was_cached_or_not(tmp_path):
+    """Two fresh 2-rank runs of one command: the first computes the base row (evaluation passes leave FSDP2's root
+    gathered), the second reads it from the cache. Before the fix an optimizer built while the root was gathered
+    stepped on throw-away copies of the root's weights, and the second step's gradient norm differed (7.8 vs 7.1)."""
+    env = {**ENV, "CPT_CACHE": str(tmp_path / "cache")}
+    norms = []
+    for name in ("miss", "hit"):
+        out = str(tmp_path / name)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            os.path.join(ROOT, "cpt_rft.py"), *TINY, "--kl_n", "4", "--out", out], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        norms.append([json.loads(x)["grad_norm"] for x in open(os.path.join(out, "log.jsonl")) if '"step"' in x])
+    assert len(norms[0]) == 4 and norms[0] == norms[1]
