@@ -10,6 +10,12 @@ The model learns the tasks one after another, with no replay. One GRPO step on a
                rho_t = pi(y_t) / pi_old(y_t), k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen start model,
                aggregated by --loss_agg with normalisers counted over the *global* batch (all micro-batches and
                ranks), so accumulation and world size do not change the gradient.
+     pi(y_t) is the distribution the rollout sampled from, exactly: softmax(masked logits / temperature), where
+     the mask sets to -inf the tokens that are never sampled (image / video placeholders, vision delimiters, pad),
+     in the sampler and in runtime.token_logprobs alike. Scored any other way the samples would be off-policy.
+A stage's first steps with no correct sample in any group are warned (nothing to reinforce: only the format term
+ranks the samples), and each stage ends with a line: prompts with a correct sample, groups ranked only by the
+format term, silent groups, rollouts cut at the budget, steps skipped.
 A group whose advantages are all 0 teaches nothing (P1's "selective update"): under grpo and rloo a group whose
 rewards are all equal, under remax one whose rewards all equal the greedy baseline (an all-correct group with a
 wrong greedy answer does teach). Without the KL term such groups are not even run through the model (they would
@@ -19,12 +25,13 @@ weights). --rif MODE drops zero-variance instances before the stage (filter.filt
 A non-finite reward, loss, gradient norm or logit stops the run before the optimizer steps on it.
 After each stage the model is evaluated on every task and on the held-out general tasks (loop.run_cpt).
 
-    python cpt_rft.py                                 # the tiny default, a few minutes on 2 CPU cores
-    python cpt_rft.py --multitask                     # all tasks at once: the upper bound
-    python cpt_rft.py --rif zero_variance             # RIF-RFT (P1)
-    python cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --format boxed --lr 1e-6 \\
+    python3 cpt_rft.py                                # the tiny default, a few minutes on 2 CPU cores
+    python3 cpt_rft.py --multitask                    # all tasks at once: the upper bound
+    python3 cpt_rft.py --rif zero_variance            # RIF-RFT (P1)
+    python3 cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --format boxed --lr 1e-6 \\
         --kl_coef 0.01 --group 8 --max_new_tokens 512
-    torchrun --standalone --nproc_per_node=8 cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...
+    torchrun --standalone --nproc_per_node=8 cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\
+        --tasks a.jsonl b.jsonl --format boxed --lr 1e-6 --kl_coef 0.01 --group 8 --max_new_tokens 512
 """
 import argparse
 import math
@@ -37,7 +44,8 @@ from tqdm import tqdm
 import runtime
 from data.tasks import Stream
 from filter import REWARD_TOL, filter_items, zero_variance
-from loop import HelpFormatter, add_common_args, input_errors, refuse, run_cpt, settle_defaults
+from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
+from loop import run_cpt
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
 STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1

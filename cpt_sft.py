@@ -21,12 +21,13 @@ With self and oracle Ranks then hold different
 numbers of targets; every rank still runs the same number of forwards (runtime.equal_chunks), as FSDP requires.
 A non-finite loss or gradient norm stops the run before the optimizer steps on it (runtime.Diverged).
 
-    python cpt_sft.py                                 # the tiny default, a few minutes on 2 CPU cores
-    python cpt_sft.py --multitask                     # all tasks at once: the upper bound
-    python cpt_sft.py --sft_data self                 # SFT on the model's own correct rollouts (P2)
-    python cpt_sft.py --sft_data oracle               # SFT on the base's own correct samples (RL's Razor)
-    python cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
-    torchrun --standalone --nproc_per_node=8 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...
+    python3 cpt_sft.py                                # the tiny default, a few minutes on 2 CPU cores
+    python3 cpt_sft.py --multitask                    # all tasks at once: the upper bound
+    python3 cpt_sft.py --sft_data self                # SFT on the model's own correct rollouts (P2)
+    python3 cpt_sft.py --sft_data oracle              # SFT on the base's own correct samples (RL's Razor)
+    python3 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
+    torchrun --standalone --nproc_per_node=8 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\
+        --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
 """
 import argparse
 import time
@@ -36,7 +37,8 @@ from tqdm import tqdm
 
 import runtime
 from data.tasks import Stream
-from loop import HelpFormatter, add_common_args, input_errors, refuse, run_cpt, settle_defaults
+from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
+from loop import run_cpt
 
 
 def sft_loss(logp, mask, n_tokens):

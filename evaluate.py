@@ -16,9 +16,9 @@ A multi-task run has one stage ("multitask"): AvgAcc, Gain (A[1][j] - A[0][j]) a
 FWT do not. All numbers are in accuracy points (percent). Runs that differ only by --seed are shown as mean +- std
 (sample std over seeds).
 
-    python evaluate.py runs/sft runs/rft runs/sft-mt runs/rft-mt --report runs/report
-    python evaluate.py data/tiny-base --tasks left_color jigsaw color        # evaluate one checkpoint
-    python evaluate.py runs/sweep/* --frontier --report runs/frontier        # stability-plasticity frontier
+    python3 evaluate.py runs/sft runs/rft runs/sft-mt runs/rft-mt --report runs/report
+    python3 evaluate.py data/tiny-base --tasks left_color jigsaw color        # evaluate one checkpoint
+    python3 evaluate.py runs/sweep/* --frontier --report runs/frontier        # stability-plasticity frontier
     torchrun --standalone --nproc_per_node=8 evaluate.py /ckpt/model --tasks a.jsonl b.jsonl --format boxed
 """
 import argparse
@@ -28,7 +28,7 @@ import os
 import statistics
 
 import runtime
-from loop import NEW_TOKENS, HelpFormatter
+from flags import NEW_TOKENS, HelpFormatter
 from measure import eval_items, evaluate_task
 from data.rewards import FORMATS
 from data.tasks import DEFAULT_GENERAL, DEFAULT_SEQUENCE, task_name

@@ -16,10 +16,10 @@ SFT would teach: on a multi-answer task the canonical one), of its own rollouts 
 (P2: SFT forgets more when the first is much higher).
 cpt_rft.py --rif MODE runs the same filter at the start of every stage with the model that is about to learn.
 
-    python filter.py --task left_color --n 256 --mode zero_variance --out runs/filter
-    python filter.py --task data.jsonl --model /ckpt/Qwen2.5-VL-7B-Instruct --format boxed --k 8 --mode incompetent
-    python filter.py --task jigsaw --emit correct --out runs/self-sft      # SFT data from own correct rollouts
-    torchrun --standalone --nproc_per_node=8 filter.py --task data.jsonl --model ... --mode zero_variance
+    python3 filter.py --task left_color --n 256 --mode zero_variance --out runs/filter
+    python3 filter.py --task data.jsonl --model /ckpt/Qwen2.5-VL-7B-Instruct --format boxed --k 8 --mode incompetent
+    python3 filter.py --task jigsaw --emit correct --out runs/self-sft      # SFT data from own correct rollouts
+    torchrun --standalone --nproc_per_node=8 filter.py --task data.jsonl --model /ckpt/Qwen2.5-VL-7B-Instruct --mode zero_variance
 """
 import argparse
 import json
@@ -29,7 +29,7 @@ import time
 import torch
 
 import runtime
-from loop import NEW_TOKENS, HelpFormatter, refuse
+from flags import NEW_TOKENS, HelpFormatter, refuse
 from data.rewards import FORMATS
 from data.tasks import BUILTIN, DataError, load_split, task_name
 

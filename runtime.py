@@ -20,12 +20,10 @@ import random
 import shutil
 import time
 import warnings
-import weakref
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
 from data.rewards import FORMAT_INSTRUCTIONS, answer_text, score
 from data.tasks import open_image
@@ -152,7 +150,6 @@ class Bundle:
                                                  "vision_end_token_id")]
         self.forbidden = sorted({i for i in ids + [tok.pad_token_id] if i is not None and i != self.eos_id})
         self.image_token = "<|image_pad|>"
-        self.prompt_ids = {}  # (problem, format, image tokens per image) -> prompt token ids (encode's cache)
         self.path = None  # the folder the current weights were loaded from or last saved to
         # the checkpoint's own sampling settings (e.g. Qwen2.5's repetition_penalty 1.05) would shape the samples
         # but not the log-probs the loss uses (off-policy samples): sampling runs on a neutral config, and the
@@ -178,6 +175,12 @@ def model_config(path):
         raise FileNotFoundError(f"--model {path}: not a checkpoint folder (config.json, weights, tokenizer) "
                                 f"or a .gguf file")
     return AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
+
+def text_config(cfg):
+    """A config as a dict, a VLM's text settings (context length, sizes) lifted to the top."""
+    d = cfg.to_dict()
+    return {**d, **d.get("text_config", {}), "model_type": d.get("model_type")}
+
 
 def is_vlm_config(cfg):
     return getattr(cfg, "vision_config", None) is not None
@@ -298,19 +301,13 @@ def encode(lm, items, fmt, completions=None):
         counts = (out["image_grid_thw"].prod(-1) // lm.improc.merge_size ** 2).tolist()
     prompts, at = [], 0
     for it in items:
-        # the rendered prompt depends only on these: cached, since the same questions come back every step and row
-        key = (it["problem"], fmt, tuple(counts[at:at + len(it["images"])]))
+        msgs = messages(it, fmt)
+        if not lm.is_vlm:  # text-only models take plain string content
+            msgs = [{"role": m["role"], "content": "".join(c["text"] for c in m["content"])} for m in msgs]
+        text = lm.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        text = _expand_images(text, lm.image_token, iter(counts[at:at + len(it["images"])]))
         at += len(it["images"])
-        if key not in lm.prompt_ids:
-            msgs = messages(it, fmt)
-            if not lm.is_vlm:  # text-only models take plain string content
-                msgs = [{"role": m["role"], "content": "".join(c["text"] for c in m["content"])} for m in msgs]
-            text = lm.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            text = _expand_images(text, lm.image_token, iter(key[2]))
-            if len(lm.prompt_ids) >= 100_000:  # a data set of distinct prompts: keep memory bounded
-                lm.prompt_ids.clear()
-            lm.prompt_ids[key] = lm.tok(text, add_special_tokens=False)["input_ids"]
-        prompts.append(lm.prompt_ids[key])
+        prompts.append(lm.tok(text, add_special_tokens=False)["input_ids"])
     comps = completions if completions is not None else [[] for _ in prompts]
     prompt_len, comp_len = max(map(len, prompts)), max(map(len, comps))
     ids = torch.full((len(prompts), prompt_len + comp_len), lm.pad_id, dtype=torch.long)
@@ -326,37 +323,19 @@ def encode(lm, items, fmt, completions=None):
         out["mm_token_type_ids"] = (ids == lm.model.config.image_token_id).long()
     return out, prompt_len, comp_mask
 
-PIXEL_CACHE_BYTES = [int(os.environ.get("CPT_PIXEL_CACHE_MB", "1024")) << 20]  # left of this process's budget
-
 def _pixels(lm, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
-    once: a GRPO batch repeats every prompt's image G times, and the image processor works per image anyway.
-    An in-memory image keeps its processed pixels (up to $CPT_PIXEL_CACHE_MB per process, 1024 by default), since
-    the same evaluation images are encoded again after every stage; a path is read and processed each time."""
-    setting = lm.improc.to_json_string()
-    done, todo = {}, {}
+    once: a GRPO batch repeats every prompt's image G times."""
+    todo = {}
     for entry, where in images:
-        kept = getattr(entry, "_cpt_pixels", None)
-        if kept is not None and kept[0] == setting:
-            done[id(entry)] = kept[1:]
-        elif id(entry) not in todo:
-            todo[id(entry)] = (entry, where)
-    if todo:
-        vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
-        grid = vis["image_grid_thw"]
-        for (key, (entry, _)), rows, g in zip(todo.items(), vis["pixel_values"].split(grid.prod(-1).tolist()), grid):
-            done[key] = (rows, g)
-            size = rows.numel() * rows.element_size()
-            if isinstance(entry, Image.Image) and size <= PIXEL_CACHE_BYTES[0]:
-                entry._cpt_pixels = (setting, rows.clone(), g.clone())  # a copy: a view would keep the batch alive
-                PIXEL_CACHE_BYTES[0] -= size
-                weakref.finalize(entry, _release_pixels, size)
+        todo.setdefault(id(entry), (entry, where))
+    vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
+    grid = vis["image_grid_thw"]
+    done = dict(zip(todo, zip(vis["pixel_values"].split(grid.prod(-1).tolist()), grid)))
     order = [id(entry) for entry, _ in images]
     return {"pixel_values": torch.cat([done[k][0] for k in order]),
             "image_grid_thw": torch.stack([done[k][1] for k in order])}
 
-def _release_pixels(size):
-    PIXEL_CACHE_BYTES[0] += size
 
 def _expand_images(text, token, counts):
     pieces = text.split(token)

@@ -16,10 +16,15 @@ def test_train_flops_and_mfu_by_hand():
 
 
 def test_autocast_policy():
+    """On a CPU nothing is autocast (fp32 throughout, what the CPU tests compare); on one GPU the forward runs in
+    bf16; under FSDP the MixedPrecisionPolicy casts, so autocast stays off there. Checked by what a matmul gives."""
+    a = torch.ones(4, 4)
+    with runtime.autocast("cpu"):
+        assert (a @ a).dtype == torch.float32
     assert runtime.autocast_dtype("cuda", distributed=False) == torch.bfloat16
-    assert runtime.autocast_dtype("cuda", distributed=True) is None     # FSDP's MixedPrecisionPolicy casts instead
-    assert runtime.autocast_dtype("cpu", distributed=False) is None
-    assert not runtime.autocast("cpu")._enabled
+    assert runtime.autocast_dtype("cuda", distributed=True) is None
+    with torch.autocast("cpu", dtype=runtime.autocast_dtype("cuda", distributed=False)):
+        assert (a @ a).dtype == torch.bfloat16                          # the dtype it names is what autocast gives
 
 
 def test_pixel_flags_change_image_tokens_and_grad_ckpt_runs():

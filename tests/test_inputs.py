@@ -105,13 +105,18 @@ def test_a_diverging_run_stops_and_keeps_the_finished_stages(tmp_path, script, e
     assert not os.path.exists(os.path.join(tmp_path, "runs")), "a cache was written under the working folder"
 
 
-def test_general_tasks_have_their_own_evaluation_count():
-    import argparse
-    import loop
-    args = argparse.Namespace(tasks=["left_color", "jigsaw"], general=["color", "add"], eval_n=200, general_n=500)
-    assert loop.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 500, "add": 500}
-    args.general_n = None  # default: the same count as the CPT tasks
-    assert loop.eval_counts(args) == {"left_color": 200, "jigsaw": 200, "color": 200, "add": 200}
+def test_general_tasks_have_their_own_evaluation_count(tmp_path):
+    """--eval_n for the CPT tasks, --general_n for the general ones, and a file's test split caps either: read back
+    from the items each column of results.json was measured on. A general file of 30 lines holds 3 test items
+    (lines 5, 15, 25)."""
+    general = _jsonl(tmp_path, 30, "g.jsonl")
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cpt_sft.py"), "--tasks", "left_color", "--general", "color",
+                        general, "--eval_n", "6", "--general_n", "10", "--steps", "1", "--batch_size", "2",
+                        "--kl_n", "0", "--out", out], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["columns"] == ["left_color", "color", "g"] and res["items"] == [6, 10, 3]
 
 
 def test_what_the_base_gives_is_computed_once_per_setting(tmp_path, monkeypatch):

@@ -286,15 +286,16 @@ def test_linear_fit_by_hand():
 
 
 def test_kl_estimate_against_a_three_token_distribution_by_hand():
-    # base p = (1/2, 1/4, 1/4), model q = (1/4, 1/2, 1/4): KL(p||q) = 1/2 ln 2 + 1/4 ln(1/2) + 0 = 1/4 ln 2
-    p, q = [0.5, 0.25, 0.25], [0.25, 0.5, 0.25]
-    exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-    assert exact == pytest.approx(0.25 * math.log(2))
-    # samples drawn from the base in exact proportion (4 draws: token 0 twice, 1 once, 2 once): the estimate is exact
+    # base p = (1/2, 1/4, 1/4), model q = (1/4, 1/2, 1/4): KL(p||q) = 1/2 ln 2 + 1/4 ln(1/2) + 1/4 ln 1 = 1/4 ln 2
+    # = 0.1732868 nats. Four draws from the base in exact proportion (token 0 twice, 1 once, 2 once): the log-ratios
+    # are ln 2, ln 2, -ln 2, 0, whose mean is again 1/4 ln 2.
+    logp = {0: math.log(0.5), 1: math.log(0.25), 2: math.log(0.25)}
+    logq = {0: math.log(0.25), 1: math.log(0.5), 2: math.log(0.25)}
     draws = [0, 0, 1, 2]
-    est = measure.kl_estimate([math.log(p[t]) for t in draws], [math.log(q[t]) for t in draws])
-    assert est == pytest.approx(exact)
+    est = measure.kl_estimate([logp[t] for t in draws], [logq[t] for t in draws])
+    assert est == pytest.approx(0.1732868, abs=1e-7)
     assert measure.kl_estimate([-1.0, -2.0], [-1.0, -2.0]) == 0.0       # the base against itself
+    assert measure.kl_estimate([-1.0, -3.0], [-2.0, -2.0]) == 0.0       # +1 and -1 nat: they cancel
 
 
 def test_distance_metrics_read_results_rows():

@@ -68,33 +68,9 @@ def test_repeated_images_are_processed_once_with_the_same_pixels():
     try:
         again, _, _ = runtime.encode(B, fresh_group, "plain")
         assert calls == [4]                              # each distinct image once
-        cached, _, _ = runtime.encode(B, fresh_group, "plain")
-        assert calls == [4]                              # the second time from the images' kept pixels
-        budget, runtime.PIXEL_CACHE_BYTES[0] = runtime.PIXEL_CACHE_BYTES[0], 0
-        uncached = builtin_items("left_color", "test", 1)
-        runtime.encode(B, uncached, "plain")
-        runtime.encode(B, uncached, "plain")
-        assert calls == [4, 1, 1]                        # no budget left: processed every time
     finally:
         B.improc = real
-        runtime.PIXEL_CACHE_BYTES[0] += budget
-    for b in (again, cached):
-        assert torch.equal(b["pixel_values"], vis["pixel_values"]) and torch.equal(b["input_ids"], batch["input_ids"])
-
-
-def test_prompt_cache_gives_the_rendered_prompt():
-    """encode keeps each prompt's token ids by (question, format, image tokens): the cached ids are the ones a fresh
-    rendering gives, for image and text-only items and every format."""
-    items = builtin_items("left_color", "test", 2) + builtin_items("add", "test", 3)
-    for fmt in ("plain", "boxed"):
-        B.prompt_ids.clear()
-        first, _, _ = runtime.encode(B, items, fmt)
-        assert len(B.prompt_ids) == 1 + 3                # one left_color question; three distinct add questions
-        second, _, _ = runtime.encode(B, items, fmt)
-        assert torch.equal(first["input_ids"], second["input_ids"])
-        text = B.tok.apply_chat_template(runtime.messages(items[3], fmt), add_generation_prompt=True, tokenize=False)
-        ids = B.tok(text, add_special_tokens=False)["input_ids"]
-        assert first["input_ids"][3, -len(ids):].tolist() == ids
+    assert torch.equal(again["pixel_values"], vis["pixel_values"]) and torch.equal(again["input_ids"], batch["input_ids"])
 
 
 def test_sampling_never_emits_forbidden_tokens():
@@ -230,18 +206,19 @@ def test_all_silent_step_leaves_adamw_weights_alone():
 
 
 def test_self_targets_are_exactly_the_correct_rollouts():
+    """Read independently of the verifier: on left_color (one right answer, plain format) a sample is correct when
+    its text is the gold colour word, and the pair is that word's tokens then end-of-turn."""
     from cpt_sft import self_targets
     items = builtin_items("left_color", "test", 6)
     torch.manual_seed(3)
-    pairs = self_targets(B, items, "plain", 4, 1.0, 16, "cpu")
-    torch.manual_seed(3)
     table = runtime.rollout(B, items, "plain", 4, 1.0, 16, "cpu")
-    expect = [(row["item"]["answer"], c) for row in table for c, s in zip(row["completions"], row["scores"])
-              if s.correct]
+    right = [(row["item"]["answer"], c) for row in table for c in row["completions"]
+             if runtime.decode(B, c).strip().lower() == row["item"]["answer"]]
+    torch.manual_seed(3)
+    pairs = self_targets(B, items, "plain", 4, 1.0, 16, "cpu")
     assert 0 < len(pairs) < 24                                     # some right, some wrong: a real selection
-    assert [(it["answer"], c) for it, c in pairs] == expect
-    # plain format: a correct rollout is the gold answer then end-of-turn, token for token
-    assert all(c == runtime.target_ids(B, it["answer"], "plain") for it, c in pairs)
+    assert [(it["answer"], c) for it, c in pairs] == right
+    assert all(c[-1] == B.eos_id for _, c in pairs)
 
 
 def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path):

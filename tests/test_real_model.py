@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import measure
-from loop import NEW_TOKENS  # noqa: E402
+from flags import NEW_TOKENS  # noqa: E402
 import runtime
 from data.tasks import builtin_items
 

@@ -1,6 +1,7 @@
 """The training scripts end to end on tiny budgets: results.json, resume after a kill, text-only models,
 the multi-task upper bound, RIF, SFT on own rollouts, and evaluate.py's report."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -81,8 +82,17 @@ def test_rft_rif_and_online_skip(tmp_path):
               "--adv", "rloo", "--out", d)
     assert "rif zero_variance: kept" in out
     logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
-    rif = [x["rif"] for x in logs if "rif" in x]
-    assert len(rif) == 2 and all(r["instances"] == 8 and 0 <= r["kept"] <= 8 for r in rif)
+    for stage in (1, 2):
+        (rif,) = [x["rif"] for x in logs if "rif" in x and x["stage"] == stage]
+        hist = rif["correct_rollouts_histogram"]
+        assert rif["instances"] == 8 == sum(hist) and len(hist) == 5            # --steps 2 x --batch_size 4
+        # all-wrong and all-right instances are dropped unless the format term alone varies their rewards
+        assert 8 - hist[0] - hist[4] <= rif["kept"] <= 8 - hist[4] and rif["kept"] >= 1
+        steps = [x for x in logs if "step" in x and x["stage"] == stage]
+        assert len(steps) == math.ceil(2 * rif["kept"] / 8)                     # RIF's saving: fewer steps
+        for x in steps:  # --skip_zero_var: exactly the sequences of the groups that are not silent are trained
+            assert x["trained_seqs"] == round((1 - x["silent_groups"]) * 4) * 4
+            assert x["skipped_step"] == (x["silent_groups"] == 1)
 
 
 def test_sft_on_own_correct_rollouts(tmp_path):

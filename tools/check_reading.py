@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loop import NEW_TOKENS  # noqa: E402
+from flags import NEW_TOKENS  # noqa: E402
 import runtime  # noqa: E402
 from data.rewards import score  # noqa: E402
 from data.tasks import load_split, task_name  # noqa: E402

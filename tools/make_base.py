@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import measure  # noqa: E402
-from loop import NEW_TOKENS  # noqa: E402
+from flags import NEW_TOKENS  # noqa: E402
 import runtime  # noqa: E402
 from cpt_sft import sft_loss  # noqa: E402
 from data.tasks import BUILTIN, CPT, GENERAL, builtin_items  # noqa: E402
