@@ -22,7 +22,7 @@ REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 REAL_TASKS=${REAL_TASKS:-"add parity"}
 REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
-REAL_RFT=(--batch_size 2 --group 8 --max_new_tokens 32 --micro_batch 16)  # 16 samples a step: the sweep had 32
+REAL_RFT=(--batch_size 2 --group 8 --micro_batch 16)  # 16 samples a step (the sweep had 32); budgets: --format free defaults
 REAL_SFT=(--batch_size 8 --micro_batch 8)
 EXTRA=(--eval_n 200 --general_n 500)  # 200 items per CPT task, 500 per general skill
 MODE=compare
@@ -56,7 +56,7 @@ elif [ "$MODE" = real ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s"); done
   # P2's control, SFT on the model's own correct sentences (REAL_SELF=1; ~10 more minutes)
-  [ -n "${REAL_SELF:-}" ] && for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --max_new_tokens 32 --seed $s --out $OUT/sft-self-$s"); done
+  [ -n "${REAL_SELF:-}" ] && for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
 else
   # longest jobs first (sequential RFT, self-SFT, multi-task RFT, sequential SFT, multi-task SFT), so that the two
   # workers run out of work at about the same time

@@ -148,7 +148,7 @@ def grpo_step(lm, ref, opt, items, args, device, probe=None):
     rewards = torch.tensor([row["rewards"] for row in table], dtype=torch.float32)
     baseline = None
     if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
-        greedy, _ = runtime.generate(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
+        greedy, _ = runtime.sample(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
         baseline = torch.tensor([runtime.score_item(runtime.decode(lm, c), it, args.format).reward
                                  for c, it in zip(greedy, items)])
     silent = silent_groups(rewards, args.adv, baseline)

@@ -9,7 +9,8 @@ import torch
 from tqdm import tqdm
 
 from data.tasks import load_split, task_name
-from runtime import all_sum, decode, equal_chunks, generate, rank, rollout, score_item, target_ids, token_logprobs, world
+from runtime import (all_sum, decode, equal_chunks, rank, rollout, sample, score_item, target_ids, token_logprobs,
+                     world)
 
 
 # ----------------------------------------------------------------------------- accuracy (greedy)
@@ -28,7 +29,7 @@ def evaluate_task(lm, items, fmt, device, max_new_tokens, batch_size=256, desc=N
     correct = rew = cut = 0.0
     chunks = list(equal_chunks(items[rank()::world()], batch_size, device, items[0]))  # a list: tqdm shows the total
     for chunk, real in tqdm(chunks, desc=desc, disable=rank() != 0 or desc is None, leave=False):
-        comps, truncated = generate(lm, chunk, fmt, max_new_tokens, greedy=True, device=device)
+        comps, truncated = sample(lm, chunk, fmt, max_new_tokens, greedy=True, device=device)
         for it, c, t in zip(chunk if real else [], comps, truncated):
             s = score_item(decode(lm, c), it, fmt)
             correct += s.correct

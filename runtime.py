@@ -11,8 +11,10 @@ In the order a run uses it:
   6. FSDP2: fully_shard on every decoder / vision block, then the root (built on the meta device, filled from rank
      0's copy); full-state-dict checkpoints by rank 0
 """
+import contextlib
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -151,13 +153,7 @@ class Bundle:
         self.forbidden = sorted({i for i in ids + [tok.pad_token_id] if i is not None and i != self.eos_id})
         self.image_token = "<|image_pad|>"
         self.path = None  # the folder the current weights were loaded from or last saved to
-        # the checkpoint's own sampling settings (e.g. Qwen2.5's repetition_penalty 1.05) would shape the samples
-        # but not the log-probs the loss uses (off-policy samples): sampling runs on a neutral config, and the
-        # checkpoint's own one is written back into every saved checkpoint
-        from transformers import GenerationConfig
-        self.saved_generation_config = model.generation_config
-        model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                                                   bos_token_id=getattr(tok, "bos_token_id", None))
+
 
 def split_model_path(path):
     """(folder, gguf file name or None): --model takes an HF folder or a single .gguf file."""
@@ -358,43 +354,108 @@ def mask_forbidden(logits, forbidden):
         logits[..., forbidden] = float("-inf")
     return logits
 
-class _Forbid:  # a transformers LogitsProcessor: the loss's mask, and the stop on NaN logits
-    def __init__(self, forbidden):
-        self.forbidden = forbidden
+def next_token(logits, forbidden, temperature=1.0, greedy=False):
+    """One decoding step, [B, V] logits -> [B] token ids: the never-sampled tokens masked out (as in the loss),
+    then argmax (greedy) or a draw from softmax(logits / temperature): pi(y_t), exactly what token_logprobs scores."""
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
+    logits = mask_forbidden(logits, forbidden)
+    if greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)
 
-    def __call__(self, input_ids, scores):
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():
-            raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
-        return mask_forbidden(scores, self.forbidden)
+
+def text_positions(mask):
+    """Position of every token counted over the tokens a row attends to (a left-padded prompt starts at 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_positions(lm, batch):
+    """Position ids of the prompts: 1-D from the attention mask for a text model; for Qwen2-VL / Qwen2.5-VL the
+    3-D M-RoPE ids (time, height, width) that the model's get_rope_index computes for image tokens, the text
+    positions on all three axes for a prompt without images."""
+    pos = text_positions(batch["attention_mask"])
+    if not lm.is_vlm:
+        return pos
+    if "image_grid_thw" not in batch:
+        return pos.unsqueeze(0).expand(3, -1, -1)
+    inner = getattr(lm.model, "model", lm.model)  # FSDP2 keeps the module tree
+    pos3, _ = inner.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                   image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    return pos3
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, gather the weights once for a whole rollout instead of at every decoding step (one all-gather
+    per unit per rollout, not one per token), and put every shard back after, since no backward follows to do it.
+    It needs room for the whole model's weights on each device while sampling: where they would take more than
+    half the free GPU memory, each forward gathers and frees them as in training."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    once = bool(units) and not (torch.cuda.is_available() and
+                                sum(p.numel() for p in model.parameters()) * 2 > 0.5 * torch.cuda.mem_get_info()[0])
+    for m in units if once else []:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            if once:  # FSDP2's defaults: blocks reshard after forward, the root keeps its weights for backward
+                m.set_reshard_after_forward(m is not model, recurse=False)
+            m.reshard()
+
+
+def _cache_arg(model):
+    """transformers 5.x renames forward's past_key_values to cache: the name this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _kv_cache(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
 
 @torch.no_grad()
-def generate(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu"):
-    """Sample one completion per item. Returns (list of token-id lists ending at EOS or truncated, truncated flags).
-    Under FSDP all ranks must run the same number of forwards: synced_gpus keeps finished ranks stepping."""
-    from transformers import LogitsProcessorList
-    batch, prompt_len, _ = encode(lm, items, fmt)
-    batch = to_device(batch, device)
-    was_training = lm.model.training
-    lm.model.eval()
-    # plain softmax sampling at `temperature` (what token_logprobs computes); the model's generation_config is
-    # the neutral one Bundle installs, so no repetition penalty or top-k of the checkpoint slips in
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    with autocast(device):
-        out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=lm.eos_id,
-                                pad_token_id=lm.pad_id, logits_processor=LogitsProcessorList([_Forbid(lm.forbidden)]),
-                                synced_gpus=is_dist(), use_cache=True, **kw)
-    lm.model.train(was_training)
-    if is_dist():
-        lm.model.reshard()  # no backward follows to reshard the root; never leave gathered weights to go stale
+def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1):
+    """n completions per item (item-major: item 0's n, then item 1's), written out: each prompt is encoded and
+    prefilled once (images included), the KV cache is repeated n times, then token by token next_token until every
+    sequence has ended its turn or the budget is spent. Returns (token-id lists ending at EOS, or cut: truncated
+    flags). Under torchrun every rank steps until all ranks are done (one small collective per step), as FSDP
+    needs the same forwards on every rank."""
+    model = lm.model
+    batch = to_device(encode(lm, items, fmt)[0], device)
+    mask = batch["attention_mask"]
+    pos = prompt_positions(lm, batch)
+    was_training = model.training
+    model.eval()
+    with gathered(model), autocast(device):
+        out = model(**batch, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits = _kv_cache(out), out.logits[:, -1].float()
+        if n > 1:  # the samples of one prompt share its prefill
+            cache.batch_repeat_interleave(n)
+            logits, mask, pos = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), \
+                pos.repeat_interleave(n, -2)
+        next_pos = pos.amax(-1, keepdim=True) + 1  # [B, 1] or [3, B, 1]: right after the prompt's last token
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        steps = []
+        for t in range(max_new_tokens):
+            token = next_token(logits, lm.forbidden, temperature, greedy).masked_fill(done, lm.pad_id)
+            steps.append(token)
+            done |= token == lm.eos_id
+            if t + 1 == max_new_tokens or all_max(float(not done.all()), device) == 0:
+                break
+            mask = torch.cat([mask, (~done).long().unsqueeze(1)], 1)
+            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
+                        **{_cache_arg(model): cache})
+            logits, next_pos = out.logits[:, -1].float(), next_pos + 1  # the cache grew in place
+    model.train(was_training)
     comps, truncated = [], []
-    for row in out[:, prompt_len:].tolist():
-        if lm.eos_id in row:
-            comps.append(row[:row.index(lm.eos_id) + 1])
-            truncated.append(False)
-        else:
-            comps.append(row)
-            truncated.append(True)
+    for row in torch.stack(steps, 1).tolist():
+        ended = lm.eos_id in row
+        comps.append(row[:row.index(lm.eos_id) + 1] if ended else row)
+        truncated.append(not ended)
     return comps, truncated
+
 
 def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     """log pi(token) of every completion token under the current model: [B, Lc], with the completion mask.
@@ -402,8 +463,9 @@ def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     batch, prompt_len, comp_mask = encode(lm, items, fmt, completions)
     batch = to_device(batch, device)
     comp_len = comp_mask.shape[1]
-    with autocast(device):
-        logits = lm.model(**batch, logits_to_keep=comp_len + 1, use_cache=False).logits[:, :-1].float()
+    with autocast(device):  # the positions the sampler used
+        logits = lm.model(**batch, position_ids=prompt_positions(lm, batch), logits_to_keep=comp_len + 1,
+                          use_cache=False).logits[:, :-1].float()
     logits = mask_forbidden(logits, lm.forbidden) / temperature
     targets = batch["input_ids"][:, prompt_len:]
     logp = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
@@ -434,8 +496,7 @@ def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=2
     assert items, "every rank needs at least one item to roll out"
     out = []
     for chunk, real in equal_chunks(items, max(1, batch_size // k), device, items[0]):
-        comps, trunc = generate(lm, [it for it in chunk for _ in range(k)], fmt, max_new_tokens, temperature,
-                                device=device)
+        comps, trunc = sample(lm, chunk, fmt, max_new_tokens, temperature, device=device, n=k)
         for i, it in enumerate(chunk if real else []):
             cs, ts = comps[i * k:(i + 1) * k], trunc[i * k:(i + 1) * k]
             texts = [decode(lm, x) for x in cs]
@@ -464,8 +525,7 @@ def _fully_shard_blocks(model, device):
     for m in model.modules():
         if type(m).__name__ in blocks:
             fully_shard(m, mp_policy=mp)
-    # transformers' generate() encodes images before the first forward, by calling the vision tower directly:
-    # as its own FSDP unit, the tower gathers its remaining weights (patch embedding, merger) on that call too
+    # the vision tower as its own unit: its patch embedding and merger are gathered with it, not held by the root
     visual = getattr(getattr(model, "model", model), "visual", None)
     if visual is not None:
         fully_shard(visual, mp_policy=mp)
@@ -479,7 +539,7 @@ def shard_model(model, device):
     return model
 
 def _settle_root(model, device):
-    # FSDP2 picks its root on the first forward; make it the whole model's, before generate() calls the tower alone
+    # FSDP2 picks its root on the first forward: make it the whole model's, before anything calls a part alone
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its weights gathered after a forward; stale copies would outlive opt.step()
@@ -501,17 +561,13 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 def save_checkpoint(lm, path):
-    """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written).
-    It carries the checkpoint's own generation_config, not the neutral one sampling uses."""
+    """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written),
+    with the checkpoint's own generation_config (which `sample` never reads)."""
     sd = full_state_dict(lm.model)
     if rank() == 0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        neutral, lm.model.generation_config = lm.model.generation_config, lm.saved_generation_config
-        try:
-            lm.model.save_pretrained(tmp, state_dict=sd)
-        finally:
-            lm.model.generation_config = neutral
+        lm.model.save_pretrained(tmp, state_dict=sd)
         lm.tok.save_pretrained(tmp)
         if lm.improc is not None:
             lm.improc.save_pretrained(tmp)

@@ -28,6 +28,7 @@ SHAPES = {  # Qwen2.5-VL-3B / 7B-Instruct shapes (config.json of the released ch
                            window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12}  # SXM memory bandwidth
 
 
 def train_flops(n_text, n_vision, n_layers, hidden, tokens, seq_len, patches):
@@ -37,6 +38,12 @@ def train_flops(n_text, n_vision, n_layers, hidden, tokens, seq_len, patches):
 
 def mfu(flops, seconds, peak, gpus=1):
     return flops / (seconds * peak * gpus)
+
+
+def decode_bound_steps_per_s(weight_bytes, kv_bytes, bandwidth):
+    """Decoding steps per second if a step did nothing but read every weight and the KV cache once from memory:
+    the memory-bandwidth bound of a rollout's decode (one step makes one token for every sequence)."""
+    return bandwidth / (weight_bytes + kv_bytes)
 
 
 def gpu_peak(device):
@@ -124,12 +131,11 @@ def main():
     from cpt_rft import GRPOConfig, grpo_update
     args = GRPOConfig(micro_batch=a.batch, max_new_tokens=a.max_new_tokens)
     prompts = items[:max(1, a.batch // a.group)]
-    t_roll = t_upd = gen = 0
+    t_roll = t_upd = gen = decode_steps = 0
     for step in range(a.steps + 1):
         sync()
         t0 = time.time()
-        comps, _ = runtime.generate(b, [it for it in prompts for _ in range(a.group)], "plain", a.max_new_tokens,
-                                   device=device)
+        comps, _ = runtime.sample(b, prompts, "plain", a.max_new_tokens, device=device, n=a.group)
         sync()
         t1 = time.time()
         seqs = [(it, c, 1.0 if i % 2 else -1.0) for i, (it, c) in
@@ -140,10 +146,21 @@ def main():
             t_roll += t1 - t0
             t_upd += time.time() - t1
             gen += sum(len(c) for c in comps)
+            decode_steps += max(map(len, comps))
     n = a.steps
     runtime.print0(f"GRPO {len(prompts)} prompts x G={a.group}, {a.max_new_tokens} new tokens: rollout "
                   f"{t_roll / n:.3f} s ({gen * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s; "
                   f"rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
+    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in torch.cuda.get_device_name(device)), None) \
+        if torch.device(device).type == "cuda" else None
+    if bandwidth:
+        seqs, ctx = len(prompts) * a.group, batch["input_ids"].shape[1] + a.max_new_tokens // 2
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+            * ctx * seqs * 2  # K and V, bf16, at the mean context of the decode
+        bound = decode_bound_steps_per_s(n_text * 2, kv, bandwidth)
+        runtime.print0(f"decode {decode_steps / t_roll:.1f} steps/s (upper bound of the whole rollout, prefill "
+                       f"included) vs the memory-bandwidth bound {bound:.1f} steps/s: "
+                       f"{100 * decode_steps / t_roll / bound:.0f}% of it")
     runtime.print0(runtime.peak_memory(device))
     runtime.cleanup()
 

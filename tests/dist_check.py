@@ -40,7 +40,7 @@ def main():
         eos_bias = torch.zeros(b.model.config.text_config.vocab_size)
         eos_bias[b.eos_id] = 50.0 if rank == 0 else -1e9  # rank 0: one token; rank 1: the whole budget
         b.model.lm_head.register_forward_hook(lambda m, i, o: o + eos_bias)
-        comps, trunc = runtime.generate(b, builtin_items("color", "test", 3), "plain", 12, device=device)
+        comps, trunc = runtime.sample(b, builtin_items("color", "test", 3), "plain", 12, device=device)
         lens = runtime.all_sum([max(map(len, comps)) if r == rank else 0 for r in range(world)], device)
         if rank == 0:
             with open(os.path.join(a.out, "lengths.txt"), "w") as f:

@@ -84,7 +84,7 @@ def test_sampling_never_emits_forbidden_tokens():
     try:
         items = builtin_items("color", "test", 8)
         torch.manual_seed(0)
-        comps, _ = runtime.generate(B, items, "plain", 8, temperature=1.0)
+        comps, _ = runtime.sample(B, items, "plain", 8, temperature=1.0)
         assert not forbidden & {t for c in comps for t in c}
         # control: the same sampling without the mask does emit them (the test can fail)
         batch, lp, _ = runtime.encode(B, items, "plain")
@@ -223,9 +223,10 @@ def test_self_targets_are_exactly_the_correct_rollouts():
 
 def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path):
     """A checkpoint whose generation_config carries sampling settings (here an extreme repetition penalty and
-    no-repeat n-grams) must not shape the samples: the loss computes plain softmax log-probs."""
+    no-repeat n-grams) must not shape the samples: the loss computes plain softmax log-probs, and the sampler never
+    reads the config. It is kept, and written back into the next checkpoint."""
     items = builtin_items("add", "test", 16)
-    clean, _ = runtime.generate(B, items, "plain", 8, greedy=True)
+    clean, _ = runtime.sample(B, items, "plain", 8, greedy=True)
     path = str(tmp_path / "poisoned")
     runtime.save_checkpoint(B, path)
     from transformers import GenerationConfig
@@ -233,13 +234,14 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path):
     cfg.repetition_penalty, cfg.no_repeat_ngram_size = 1e4, 1
     cfg.save_pretrained(path)
     lm = runtime.load_model(path, "cpu")
-    assert lm.saved_generation_config.repetition_penalty == 1e4     # kept, and written back on save
-    ours, _ = runtime.generate(lm, items, "plain", 8, greedy=True)
+    assert lm.model.generation_config.repetition_penalty == 1e4
+    ours, _ = runtime.sample(lm, items, "plain", 8, greedy=True)
     assert ours == clean
-    # control: through the checkpoint's own config, the same greedy decoding does change (the test can fail)
-    lm.model.generation_config = lm.saved_generation_config
-    leaked, _ = runtime.generate(lm, items, "plain", 8, greedy=True)
-    assert leaked != clean
+    # control: transformers' generate, which reads the config, does change the same greedy decoding
+    batch, prompt_len, _ = runtime.encode(lm, items, "plain")
+    with torch.no_grad():
+        out = lm.model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert [r[:len(c)] for r, c in zip(out[:, prompt_len:].tolist(), clean)] != clean
     runtime.save_checkpoint(lm, str(tmp_path / "again"))
     assert GenerationConfig.from_pretrained(str(tmp_path / "again")).repetition_penalty == 1e4
 

@@ -35,7 +35,7 @@ def independent_reading(reply, gold):
 def test_free_text_answers_of_a_real_chat_model(smol):
     assert not smol.is_vlm and smol.forbidden == []
     items = builtin_items("add", "test", 24)
-    comps, _ = runtime.generate(smol, items, "free", NEW_TOKENS["free"], greedy=True)
+    comps, _ = runtime.sample(smol, items, "free", NEW_TOKENS["free"], greedy=True)
     replies = [runtime.decode(smol, c) for c in comps]
     assert sum(len(r.split()) > 1 for r in replies) >= 12          # it answers in sentences, not bare numbers
     ours, _, _ = measure.evaluate_task(smol, items, "free", "cpu", NEW_TOKENS["free"], batch_size=24)

@@ -118,7 +118,7 @@ def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_pa
     base = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
     for stage, task in ((1, "left_color"), (2, "top_color")):
         items = Stream([task], (0, stage)).next(4)  # the stage's first batch (seed 0, one process)
-        greedy, _ = runtime.generate(base, items, "plain", 16, greedy=True)
+        greedy, _ = runtime.sample(base, items, "plain", 16, greedy=True)
         right = sum(runtime.score_item(runtime.decode(base, c), it, "plain").correct for c, it in zip(greedy, items))
         first = next(x for x in logs if x["stage"] == stage and x["step"] == 0)
         assert first.get("items", 0) == right, (stage, first, right)

@@ -37,7 +37,7 @@ def main():
     for spec in args.tasks:
         items = load_split(spec, "test", args.n)
         t0 = time.time()
-        comps, _ = runtime.generate(lm, items, "free", NEW_TOKENS["free"], greedy=True)
+        comps, _ = runtime.sample(lm, items, "free", NEW_TOKENS["free"], greedy=True)
         replies = [runtime.decode(lm, c) for c in comps]
         ours = [score(r, it["answer"], it["kind"], "free", it.get("candidates", ())).correct
                 for r, it in zip(replies, items)]

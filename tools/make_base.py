@@ -152,8 +152,8 @@ def main():
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:6.0f} s  val acc " +
                   " ".join(f"{n} {100 * a:.0f}%" for n, a in accs.items()), flush=True)
     lm.model.eval()
-    lm.saved_generation_config.pad_token_id = lm.pad_id
-    lm.saved_generation_config.eos_token_id = lm.eos_id
+    lm.model.generation_config.pad_token_id = lm.pad_id
+    lm.model.generation_config.eos_token_id = lm.eos_id
     runtime.save_checkpoint(lm, args.out)
     print(f"saved {args.out} ({sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)) / 1e6:.1f}"
           f" MB) after {time.time() - t0:.0f} s")
