@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -472,6 +473,41 @@ def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     comp_mask = comp_mask.to(device)
     # padding targets are forbidden tokens (log p = -inf): zero them, since -inf * 0 would be NaN
     return logp.masked_fill(comp_mask == 0, 0.0), comp_mask
+
+def shared_prompt_logprobs(lm, items, fmt, completions, device, temperature=1.0):
+    """token_logprobs for sequences that come in groups sharing a prompt (a GRPO group: G completions of one
+    prompt, `items` holding the same item object G times in a row): each distinct prompt is forwarded once, with
+    grad, its KV cache indexed out to its completions, and the completions run through that cache. The log-probs,
+    and so the gradient, are those of the repeated forward, at the cost of one prompt per group: on an image prompt
+    the vision tower runs once per group too. Returns ([B, Lc] log-probs, completion mask), as token_logprobs."""
+    is_first = [i == 0 or it is not items[i - 1] for i, it in enumerate(items)]
+    firsts = [i for i, f in enumerate(is_first) if f]
+    owner = torch.tensor(list(itertools.accumulate(is_first)), device=device) - 1  # each sequence's prompt
+    batch = to_device(encode(lm, [items[i] for i in firsts], fmt)[0], device)
+    pos = prompt_positions(lm, batch)
+    with autocast(device):
+        out = lm.model(**batch, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, first = _kv_cache(out), out.logits[:, -1].float()[owner]  # the logits of every first completion token
+    comp_len = max(map(len, completions))
+    ids = torch.full((len(items), comp_len), lm.pad_id, dtype=torch.long, device=device)
+    comp_mask = torch.zeros_like(ids)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        comp_mask[i, :len(c)] = 1
+    logits = first.unsqueeze(1)
+    if comp_len > 1:  # token j of a completion is read at position j - 1 of this forward
+        cache.batch_select_indices(owner)
+        mask = torch.cat([batch["attention_mask"][owner], comp_mask[:, :-1]], 1)
+        steps = torch.arange(comp_len - 1, device=device)
+        start = pos.amax(-1, keepdim=True)[..., owner, :] + 1
+        with autocast(device):
+            rest = lm.model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=start + steps,
+                            use_cache=True, **{_cache_arg(lm.model): cache}).logits.float()
+        logits = torch.cat([logits, rest], 1)
+    logits = mask_forbidden(logits, lm.forbidden) / temperature
+    logp = torch.gather(F.log_softmax(logits, -1), 2, ids.unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(comp_mask == 0, 0.0), comp_mask
+
 
 def autocast_dtype(device_type, distributed):
     """bf16 compute on a single GPU; none on CPU, and none under FSDP, whose MixedPrecisionPolicy already casts

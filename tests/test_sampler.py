@@ -89,3 +89,42 @@ def test_greedy_completions_equal_generate_on_a_real_chat_model():
     theirs = hf_greedy(smol, items, "free", 24)
     same = sum(a == b for a, b in zip(ours, theirs))
     assert same == len(items), f"{same} of {len(items)} equal"
+
+
+def _grads(lm, scorer, items, comps, fmt, adv):
+    lm.model.zero_grad()
+    logp, mask = scorer(lm, items, fmt, comps, "cpu")
+    (-(logp * mask).sum(1) * adv).sum().div(mask.sum()).backward()  # GRPO's token-mean loss
+    return logp.detach(), torch.cat([p.grad.flatten() for p in lm.model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("task", ["any_color", "add"])
+def test_each_prompt_forwarded_once_gives_the_repeated_forwards_gradient(task):
+    """Groups of 5, 3 and 1 completions (a micro-batch may cut a group): the log-probs and the gradient of a
+    GRPO-like loss equal those of forwarding every prompt once per completion."""
+    items = builtin_items(task, "train", 3)
+    torch.manual_seed(0)
+    comps, _ = runtime.sample(B, items, "plain", 16, 1.0, n=5)
+    comps = comps[:5] + comps[5:8] + comps[10:11]
+    flat = [items[0]] * 5 + [items[1]] * 3 + [items[2]]
+    adv = torch.linspace(-1, 1, len(flat))
+    a, ga = _grads(B, runtime.token_logprobs, flat, comps, "plain", adv)
+    b, gb = _grads(B, runtime.shared_prompt_logprobs, flat, comps, "plain", adv)
+    B.model.zero_grad()
+    assert (a - b).abs().max() <= 1e-5 and ga.abs().max() > 1e-2
+    assert (ga - gb).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(SMOL is None, reason="SmolLM2 not installed")
+def test_each_prompt_forwarded_once_on_a_real_chat_model():
+    path = os.path.join(os.path.dirname(SMOL.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    smol = runtime.load_model(path, "cpu")
+    items = builtin_items("add", "train", 2)
+    torch.manual_seed(0)
+    comps, _ = runtime.sample(smol, items, "free", 12, 1.0, n=4)
+    flat = [it for it in items for _ in range(4)]
+    adv = torch.tensor([1.0, -1, 0.5, -0.5, 1, -1, 0.25, -0.25])
+    a, ga = _grads(smol, runtime.token_logprobs, flat, comps, "free", adv)
+    b, gb = _grads(smol, runtime.shared_prompt_logprobs, flat, comps, "free", adv)
+    assert (a - b).abs().max() <= 1e-4
+    assert (ga - gb).abs().max() <= 1e-4 * ga.abs().max()
