@@ -274,10 +274,10 @@ def learning_warnings(rows, truncated_warn=0.10):
     out = []
     if len(rows) == NO_CORRECT_STEPS and all(r["prompts_with_correct"] == 0 for r in rows):
         fmt_only = sum(r["format_only_groups"] for r in rows) / len(rows)
-        out.append(f"no rollout was correct in the first {len(rows)} steps ({100 * fmt_only:.0f}% of the groups differ "
-                   f"only by the format term, which the std normalisation makes full-size): GRPO has nothing right to "
-                   f"reinforce. What can help: a longer --max_new_tokens, a larger --group, SFT first, or "
-                   f"--rif incompetent (train only on prompts with a correct rollout)")
+        out.append(f"no rollout was correct in the first {len(rows)} steps: GRPO can reinforce only partial credit, "
+                   f"where the task gives any, and the format term ({100 * fmt_only:.0f}% of the groups differ by it "
+                   f"alone, which the std normalisation makes full-size). What can help: a longer --max_new_tokens, a "
+                   f"larger --group, SFT first, or --rif incompetent (train only on prompts with a correct rollout)")
     if rows and rows[-1]["truncated"] > truncated_warn and all(r["truncated"] <= truncated_warn for r in rows[:-1]):
         out.append(f"{100 * rows[-1]['truncated']:.0f}% of the rollouts hit the --max_new_tokens budget (step "
                    f"{len(rows) - 1}); a cut reply usually scores as wrong: raise --max_new_tokens")

@@ -38,13 +38,16 @@ from data.tasks import BUILTIN, DataError, load_split, task_name
 
 REWARD_TOL = 1e-6  # rewards closer than this are equal: 0.9*1 + 0.1*1 is not exactly 1.0 in floats
 
+
 def zero_variance(rewards, tol=REWARD_TOL):
     """True when all K rewards are equal within tol: the group's rewards cannot rank its samples."""
     return max(rewards) - min(rewards) <= tol
 
+
 def pass_rate(correct):
     """Fraction of the K rollouts that are entirely correct."""
     return sum(bool(c) for c in correct) / len(correct)
+
 
 def keep(mode, rewards, correct, low=0.0, high=1.0, tol=REWARD_TOL):
     """Whether an instance with these K rollouts is kept under a filter mode:
@@ -61,12 +64,14 @@ def keep(mode, rewards, correct, low=0.0, high=1.0, tol=REWARD_TOL):
         return low + tol < pass_rate(correct) < high - tol
     raise ValueError(f"unknown filter mode {mode!r}")
 
+
 def pass_count_histogram(correct_counts, k):
     """How many instances had 0, 1, ..., K correct rollouts (K + 1 bins: 7/8 and 8/8 are different instances)."""
     counts = [0] * (k + 1)
     for c in correct_counts:
         counts[c] += 1
     return counts
+
 
 def filter_items(lm, items, mode, fmt, k, temperature, max_new_tokens, device, gen_batch=256, low=0.0, high=1.0):
     """Roll out this rank's items K times; return (a keep flag per item, stats summed over ranks, the rollout

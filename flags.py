@@ -18,8 +18,10 @@ from runtime import DEFAULT_MODEL, is_vlm_config, messages, model_config, planne
 # tools/budget.py on SmolLM2-135M-Instruct: the share of its replies each budget cuts); reasoning is long
 NEW_TOKENS = {"plain": 16, "free": 64, "boxed": 512, "tags": 512}
 
+
 class HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's line breaks and shows every flag's default."""
+
 
 def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     """Flags both training scripts share, grouped by topic; the defaults that differ are the script's."""
@@ -60,15 +62,18 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     g.add_argument("--max_pixels", type=int, default=None, help="image processor's max pixels")
     return p
 
+
 def settle_defaults(args):
     """The defaults that depend on another flag, filled in once (results.json records the values used)."""
     args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[args.format]
     args.eval_max_new_tokens = args.eval_max_new_tokens or NEW_TOKENS[args.format]
     return args
 
+
 def eval_counts(args):
     """{spec: evaluation items}: --eval_n for the CPT tasks, --general_n (default: the same) for the general ones."""
     return {**{t: args.eval_n for t in args.tasks}, **{g: args.general_n or args.eval_n for g in args.general}}
+
 
 def input_errors(args, positive=(), at_least_two=()):
     """Every problem with the flags and the task files, as messages, found before a model is loaded or anything is
@@ -138,6 +143,7 @@ def input_errors(args, positive=(), at_least_two=()):
             errors.append(f"under torchrun a training stage cannot mix image and text-only items ({', '.join(stage)})")
     return errors
 
+
 def out_errors(out):
     """--out must be a folder this process can create and write to (checked without creating anything)."""
     if out is None:
@@ -150,6 +156,7 @@ def out_errors(out):
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         return [f"--out {out}: {parent} cannot be written to by this user; name a folder you can write"]
     return []
+
 
 def too_long(model, cfg, items, fmt, new_tokens, limit=20):
     """Prompts that do not leave room for the completion budget in the model's context window
@@ -175,6 +182,7 @@ def too_long(model, cfg, items, fmt, new_tokens, limit=20):
                 break
     return errors
 
+
 def _prompt_tokens(tok, improc, item, fmt):
     msgs = messages(item, fmt)
     if improc is None:
@@ -185,6 +193,7 @@ def _prompt_tokens(tok, improc, item, fmt):
         with Image.open(path) as im:
             n += improc.get_number_of_image_patches(im.height, im.width, {}) // improc.merge_size ** 2
     return n
+
 
 def refuse(errors):
     """Stop before any work with every problem listed (exit status 2, as argparse's own errors)."""

@@ -17,10 +17,12 @@ from runtime import (all_sum, decode, equal_chunks, rank, rollout, sample, score
 
 _EVAL_CACHE = {}
 
+
 def eval_items(spec, n, split="test"):
     if (spec, n, split) not in _EVAL_CACHE:
         _EVAL_CACHE[(spec, n, split)] = load_split(spec, split, n)
     return _EVAL_CACHE[(spec, n, split)]
+
 
 @torch.no_grad()
 def evaluate_task(lm, items, fmt, device, max_new_tokens, batch_size=256, desc=None):
@@ -66,10 +68,12 @@ def sequence_logprobs(lm, pairs, fmt, device, filler, batch_size=64):
         out += (logp * mask).sum(1).tolist() if real else []
     return out
 
+
 def kl_estimate(base_logp, now_logp):
     """Monte-Carlo forward KL(pi_base || pi) in nats per prompt: the mean over completions sampled from the base of
     log pi_base(y|x) - log pi(y|x). Unbiased over whole completions (any length); 0 for the base itself."""
     return sum(b - n for b, n in zip(base_logp, now_logp)) / len(base_logp)
+
 
 def sample_base(lm, items, fmt, n_samples, max_new_tokens, device, batch_size=256):
     """n_samples completions per item (this rank's share) from the model as it is (the base), at temperature 1,
@@ -80,12 +84,14 @@ def sample_base(lm, items, fmt, n_samples, max_new_tokens, device, batch_size=25
     logps = sequence_logprobs(lm, [(items[i], c) for i, c in pairs], fmt, device, (items[0], [lm.eos_id]))
     return [[i, c, lp] for (i, c), lp in zip(pairs, logps)]
 
+
 def kl_to_base(lm, items, samples, fmt, device):
     """The forward KL from the base to the current model on `items`, estimated on the base's own samples (summed
     over ranks)."""
     now = sequence_logprobs(lm, [(items[i], c) for i, c, _ in samples], fmt, device, (items[0], [lm.eos_id]))
     total, n = all_sum([sum(lp - x for (_, _, lp), x in zip(samples, now)), len(samples)], device)
     return total / n if n else None
+
 
 @torch.no_grad()
 def gold_loglik(lm, items, fmt, device, batch_size=64):
@@ -95,6 +101,7 @@ def gold_loglik(lm, items, fmt, device, batch_size=64):
     logps = sequence_logprobs(lm, pairs, fmt, device, (items[0], [lm.eos_id]), batch_size)
     total, n = all_sum([sum(logps), len(logps)], device)
     return total / n
+
 
 def general_loglik(lm, items_by_task, fmt, device):
     """[mean gold log-likelihood of each general task's items] (None for an image task on a text-only model, or

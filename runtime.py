@@ -49,38 +49,47 @@ def init_dist():
         return dist.get_rank(), dist.get_world_size(), _device()
     return 0, 1, _device()
 
+
 def _device():
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
+
 def is_dist():
     return dist.is_available() and dist.is_initialized()
+
 
 def rank():
     return dist.get_rank() if is_dist() else 0
 
+
 def world():
     return dist.get_world_size() if is_dist() else 1
+
 
 def planned_world():
     """The world size before the process group exists (torchrun sets WORLD_SIZE), for checks before any work."""
     return int(os.environ.get("WORLD_SIZE", 1))
 
+
 def print0(*args, **kwargs):
     if rank() == 0:
         print(*args, **kwargs, flush=True)
+
 
 def cleanup():
     if is_dist():
         dist.barrier()  # no rank tears down while another is still in a collective (gloo aborts at exit otherwise)
         dist.destroy_process_group()
 
+
 def all_max(value, device):
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
 
 def all_sum(values, device):
     """Sum a list of floats over ranks (identity in a single process)."""
@@ -89,6 +98,7 @@ def all_sum(values, device):
         dist.all_reduce(t)
     return t.tolist()
 
+
 def equal_chunks(seq, size, device, filler, at_least=0):
     """(chunk, real) for consecutive chunks of this rank's `seq`, as many on every rank (and at least `at_least`).
     Under FSDP every rank must run the same forwards: a rank that has run out gets ([filler], False), a stand-in
@@ -96,6 +106,7 @@ def equal_chunks(seq, size, device, filler, at_least=0):
     for i in range(max(at_least, int(all_max(-(-len(seq) // size), device)))):
         chunk = seq[i * size:(i + 1) * size]
         yield (chunk, True) if chunk else ([filler], False)
+
 
 def seed_all(*parts):
     """Seed python and torch from any tuple (seed, stage, ...): the same parts give the same run."""
@@ -114,6 +125,7 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1, allow_nan=False)
     os.replace(tmp, path)
 
+
 class Log:
     """Per-step metrics as strict JSON lines (rank 0); keeps this process's rows for the loop's checks."""
 
@@ -127,8 +139,10 @@ class Log:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **row}, allow_nan=False) + "\n")
 
+
 class Diverged(Exception):
     """A loss, gradient norm, reward or logit stopped being a finite number: the run cannot go on."""
+
 
 def check_finite(**values):
     """Raise Diverged naming every non-finite value (checked before the optimizer steps on it)."""
@@ -162,6 +176,7 @@ def split_model_path(path):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     return path, None
 
+
 def model_config(path):
     """The model's config without its weights, for checks before any work."""
     from transformers import AutoConfig
@@ -173,6 +188,7 @@ def model_config(path):
                                 f"or a .gguf file")
     return AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
 
+
 def text_config(cfg):
     """A config as a dict, a VLM's text settings (context length, sizes) lifted to the top."""
     d = cfg.to_dict()
@@ -181,6 +197,7 @@ def text_config(cfg):
 
 def is_vlm_config(cfg):
     return getattr(cfg, "vision_config", None) is not None
+
 
 def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     """Load any HF checkpoint folder or .gguf file (dequantised). A config with a vision tower is a VLM (tokenizer
@@ -208,6 +225,7 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     lm.path = path
     return lm
 
+
 def _from_pretrained(cls, path, folder, dtype, kw):
     """cls.from_pretrained, with an unreadable weights file named (a truncated download, a disk error) instead of a
     library traceback that names none."""
@@ -231,6 +249,7 @@ def _plain(model):
         model.config.quantization_config = None
         del model.config.quantization_config
     return model
+
 
 def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     """FSDP2 loading without a whole copy per GPU: every rank builds the model on the meta device (no memory) and
@@ -258,6 +277,7 @@ def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     _settle_root(model, device)
     return model
 
+
 def configure(lm, min_pixels=None, max_pixels=None):
     """The image processor's pixel bounds (image tokens grow with pixels / 784)."""
     if lm.improc is not None and (min_pixels or max_pixels):
@@ -280,6 +300,7 @@ def messages(item, fmt):
     if FORMAT_INSTRUCTIONS[fmt]:
         content.append({"type": "text", "text": FORMAT_INSTRUCTIONS[fmt]})
     return [{"role": "user", "content": content}]
+
 
 def encode(lm, items, fmt, completions=None):
     """Batch of prompts (left-padded) followed by optional completions (lists of token ids, right-padded).
@@ -320,6 +341,7 @@ def encode(lm, items, fmt, completions=None):
         out["mm_token_type_ids"] = (ids == lm.model.config.image_token_id).long()
     return out, prompt_len, comp_mask
 
+
 def _pixels(lm, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
     once: a GRPO batch repeats every prompt's image G times."""
@@ -338,8 +360,10 @@ def _expand_images(text, token, counts):
     pieces = text.split(token)
     return pieces[0] + "".join(token * next(counts) + p for p in pieces[1:])
 
+
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
+
 
 def target_ids(lm, answer, fmt):
     """Token ids SFT teaches: the answer written in the run's format (rewards.answer_text), then end-of-turn."""
@@ -354,6 +378,7 @@ def mask_forbidden(logits, forbidden):
         logits = logits.clone()
         logits[..., forbidden] = float("-inf")
     return logits
+
 
 def next_token(logits, forbidden, temperature=1.0, greedy=False):
     """One decoding step, [B, V] logits -> [B] token ids: the never-sampled tokens masked out (as in the loss),
@@ -474,6 +499,7 @@ def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     # padding targets are forbidden tokens (log p = -inf): zero them, since -inf * 0 would be NaN
     return logp.masked_fill(comp_mask == 0, 0.0), comp_mask
 
+
 def shared_prompt_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     """token_logprobs for sequences that come in groups sharing a prompt (a GRPO group: G completions of one
     prompt, `items` holding the same item object G times in a row): each distinct prompt is forwarded once, with
@@ -514,16 +540,20 @@ def autocast_dtype(device_type, distributed):
     (autocasting on top would hide the policy's fp32 gradient reduction)."""
     return torch.bfloat16 if device_type == "cuda" and not distributed else None
 
+
 def autocast(device):
     dtype = autocast_dtype(torch.device(device).type, is_dist())
     return torch.autocast("cuda", dtype=dtype, enabled=True) if dtype else torch.autocast("cpu", enabled=False)
 
+
 def decode(lm, ids):
     return lm.tok.decode([i for i in ids if i != lm.eos_id], skip_special_tokens=False)
+
 
 def score_item(text, item, fmt):
     """A completion's score against a task item: its gold answer, or any of its valid answers when it has several."""
     return score(text, item["answer"], item["kind"], fmt, item.get("candidates", ()), item.get("valid", ()))
+
 
 def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=256):
     """K sampled completions per item, scored by the item's verifier. One dict per item:
@@ -567,6 +597,7 @@ def _fully_shard_blocks(model, device):
         fully_shard(visual, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
 
+
 def shard_model(model, device):
     """FSDP2-shard a model already built on every rank (tests/bench.py's random-init shapes); checkpoints go
     through load_model, which shards without a whole copy per GPU."""
@@ -574,11 +605,13 @@ def shard_model(model, device):
     _settle_root(model, device)
     return model
 
+
 def _settle_root(model, device):
     # FSDP2 picks its root on the first forward: make it the whole model's, before anything calls a part alone
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     model.reshard()  # the root keeps its weights gathered after a forward; stale copies would outlive opt.step()
+
 
 def reshard(lm):
     """Put every FSDP2 unit back to its shards. The root stays gathered after a forward with no backward (an
@@ -596,6 +629,7 @@ def full_state_dict(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+
 def save_checkpoint(lm, path):
     """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written),
     with the checkpoint's own generation_config (which `sample` never reads)."""
@@ -611,6 +645,7 @@ def save_checkpoint(lm, path):
         os.replace(tmp, path)
     if is_dist():
         dist.barrier()
+
 
 def peak_memory(device):
     """Peak memory so far: GPU allocator peak on CUDA, the process's max resident set on CPU (GiB)."""

@@ -77,7 +77,7 @@ def test_no_correct_rollout_in_the_first_steps_is_warned_with_what_can_help():
     dead = {"prompts_with_correct": 0.0, "format_only_groups": 0.5, "truncated": 0.0}
     assert learning_warnings([dead, dead]) == []                   # not yet: the first steps may be unlucky
     (msg,) = learning_warnings([dead, dead, dead])
-    assert "no rollout was correct in the first 3 steps" in msg and "50% of the groups differ only by the format" in msg
+    assert "no rollout was correct in the first 3 steps" in msg and "50% of the groups differ by it alone" in msg
     assert "--rif incompetent" in msg and "SFT first" in msg
     alive = {**dead, "prompts_with_correct": 0.125}
     assert learning_warnings([dead, alive, dead]) == []
