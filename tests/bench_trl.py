@@ -63,7 +63,8 @@ def trl_trainer(lm, items, fmt, a, out, between):
                     max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
                     num_iterations=1, loss_type="dapo", learning_rate=1e-6, max_steps=10 ** 6, use_cpu=True,
                     bf16=False, report_to=[], save_strategy="no", logging_steps=10 ** 6, disable_dropout=True,
-                    dataloader_num_workers=0, shuffle_dataset=False, remove_unused_columns=False)
+                    dataloader_num_workers=0, shuffle_dataset=False, remove_unused_columns=False,
+                    gradient_checkpointing=False)  # TRL turns it on by default: not the same work
     trainer = GRPOTrainer(model=lm.model, reward_funcs=[reward], args=cfg, processing_class=lm.tok,
                           train_dataset=Dataset.from_list(rows * 1000), callbacks=[clock])
     return trainer, clock
