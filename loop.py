@@ -274,7 +274,7 @@ def run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_i
         if not args.keep_stages and k > 1:
             shutil.rmtree(os.path.join(out, f"stage-{k - 1}"), ignore_errors=True)
     print0(f"  stage {k} trained in {train_s:.1f} s; {peak_memory(device)}")
-    for line in stage_warnings(stage_rows, res["acc"][0], res["acc"][-1]):
+    for line in stage_warnings(stage_rows):
         print0(f"warning: stage {k} ({name}): {line}")
     if collapsed(res["acc"][0], res["acc"][-1]):
         raise SystemExit(f"error: after stage {k} ({name}) every task reads 0 %, the base's tasks too: the model is "
@@ -307,7 +307,7 @@ def loss_rose(losses, factor=LOSS_RISE, patience=LOSS_PATIENCE):
     return None
 
 
-def stage_warnings(rows, base_acc, acc):
+def stage_warnings(rows):
     """What a user would be misled by in a stage's log rows: steps that trained nothing, a loss that rose."""
     out = []
     steps = [r for r in rows if "skipped_step" in r or "loss" in r]

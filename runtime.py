@@ -468,7 +468,8 @@ def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device
             token = next_token(logits, lm.forbidden, temperature, greedy).masked_fill(done, lm.pad_id)
             steps.append(token)
             done |= token == lm.eos_id
-            if t + 1 == max_new_tokens or all_max(float(not done.all()), device) == 0:
+            busy = float(not done.all())  # under torchrun: until every rank is done (FSDP needs the same forwards)
+            if t + 1 == max_new_tokens or (all_max(busy, device) if is_dist() else busy) == 0:
                 break
             mask = torch.cat([mask, (~done).long().unsqueeze(1)], 1)
             out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
