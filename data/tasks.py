@@ -213,6 +213,18 @@ def gen_circle_cell(rng):
     return "<image>Name a cell (1-9) with a circle.", valid[0], [img], "exact", weak, valid
 
 
+# The tiny base's voice: it answers every task in a short sentence of its own, from a few templates it prefers
+# unevenly, as a chat model has its habits of phrasing. SFT's labels stay what data sets hold, the bare canonical
+# answer, so that they differ from the base's own replies in *how* the answer is said as well as in *which* answer
+# (the real chat model's labels do both: "8" against "The sum of 3 and 5 is 8.").
+VOICE = {"It is {}.": 0.6, "The answer is {}.": 0.3, "I see {}.": 0.1}
+
+
+def in_voice(answer, rng):
+    """The answer said in one of the base's templates, drawn by its preference (make_base's pre-training labels)."""
+    return rng.choices(list(VOICE), list(VOICE.values()))[0].format(answer)
+
+
 # every answer a task can have: a free-text reply that names two of them is hedging, not answering (rewards.read_free)
 CANDIDATES = {"color": list(COLORS), "shape": list(SHAPES), "side": ["left", "right"], "left_color": list(COLORS),
               "right_shape": list(SHAPES), "top_color": list(COLORS), "any_color": list(COLORS),

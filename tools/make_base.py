@@ -10,7 +10,9 @@
      or shape that is in the picture, a random permutation), so the base knows the answer's form but not the skill
      (about chance accuracy, a non-zero RFT reward); the multi-answer tasks' questions with the base's sharp habit,
      80 % of the time: the biggest object's answer where one object is big, a favourite guess where all are tiny
-     (data/tasks.py `_habit`);
+     (data/tasks.py `_habit`); every label is said in the base's own voice, a short sentence from templates it
+     prefers unevenly ("It is red." 60 %, "The answer is red." 30 %, "I see red." 10 %: data/tasks.py VOICE), and
+     the prompts carry --format free's instruction, so the base is read as any chat model is (--format free);
   5. evaluation on 500 held-out test items per task (greedy), printed, and the folder saved.
 
     python tools/make_base.py                       # ~20 minutes on 2 CPU cores
@@ -28,8 +30,9 @@ import measure  # noqa: E402
 from flags import NEW_TOKENS  # noqa: E402
 import runtime  # noqa: E402
 from cpt_sft import sft_loss  # noqa: E402
-from data.tasks import BUILTIN, CPT, GENERAL, builtin_items  # noqa: E402
+from data.tasks import BUILTIN, CPT, GENERAL, VOICE, builtin_items, in_voice  # noqa: E402
 
+FORMAT = "free"  # the base speaks in sentences: its answer is read from its words, as a chat model's is
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
 CHAT_TEMPLATE = (
@@ -42,14 +45,15 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(vocab_size=512):
     """Byte-level BPE (like Qwen's) trained on the task texts: any text encodes, the task words are single tokens,
-    and so is an answer word as the assistant writes it (at the start of its turn, without a leading space), which
-    makes the multi-answer tasks' answers one token each."""
+    and so is an answer word as the assistant writes it, in its sentences (" red") and bare at the start of a turn
+    ("red", the canonical SFT label), which makes the multi-answer tasks' answers one token each."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     corpus = []
     for name in BUILTIN:
         for it in builtin_items(name, "train", 300):
-            corpus += [it["problem"].replace("<image>", "") + " " + it["answer"], it["answer"]]
+            corpus += [it["problem"].replace("<image>", "") + " Answer briefly.", it["answer"]]
+            corpus += [t.format(it["answer"]) for t in VOICE]
     corpus += ["user assistant system You are a helpful assistant. <think> </think> <answer> </answer> \\boxed{}"] * 50
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -138,8 +142,8 @@ def main():
         vision = (["shape", "side"] if step <= args.vision_steps // 2 else ["color", "shape", "side"]
                   if step <= args.vision_steps else None)
         items = mix(rng, args.batch_size, args.weak_weight, vision)
-        targets = [runtime.target_ids(lm, it["answer"], "plain") for it in items]
-        logp, mask = runtime.token_logprobs(lm, items, "plain", targets, device)
+        targets = [runtime.target_ids(lm, in_voice(it["answer"], rng), FORMAT) for it in items]
+        logp, mask = runtime.token_logprobs(lm, items, FORMAT, targets, device)
         loss = sft_loss(logp, mask, mask.sum())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
@@ -147,7 +151,7 @@ def main():
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == args.steps:
-            accs = {n: measure.evaluate_task(lm, val[n], "plain", device, NEW_TOKENS["plain"])[0] for n in suite}
+            accs = {n: measure.evaluate_task(lm, val[n], FORMAT, device, NEW_TOKENS[FORMAT])[0] for n in suite}
             lm.model.train()
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:6.0f} s  val acc " +
                   " ".join(f"{n} {100 * a:.0f}%" for n, a in accs.items()), flush=True)
@@ -158,10 +162,10 @@ def main():
     print(f"saved {args.out} ({sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)) / 1e6:.1f}"
           f" MB) after {time.time() - t0:.0f} s")
     lm = runtime.load_model(args.out, device)  # report on what was saved, through the normal loading path
-    print(f"test accuracy, {args.eval_n} items per task, greedy:")
+    print(f"test accuracy, {args.eval_n} items per task, greedy, --format {FORMAT}:")
     for n in suite:
-        acc, rew, _ = measure.evaluate_task(lm, builtin_items(n, "test", args.eval_n), "plain", device,
-                                             NEW_TOKENS["plain"])
+        acc, rew, _ = measure.evaluate_task(lm, builtin_items(n, "test", args.eval_n), FORMAT, device,
+                                             NEW_TOKENS[FORMAT])
         print(f"  {n:11s} {'general' if n in GENERAL else 'CPT':8s} accuracy {100 * acc:5.1f}%   mean reward {rew:.3f}")
 
 
