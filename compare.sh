@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The papers' comparison on the default setup: sequential SFT on the canonical answers, sequential SFT on the
-# model's own correct rollouts (P2's control), sequential RFT (GRPO), multi-task SFT and RFT (the upper bound),
-# SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
+# The papers' comparison on the default setup: sequential SFT on the canonical answers, on the canonical answers
+# said in the model's own words (the voice-only control), and on the model's own correct rollouts (P2's control),
+# sequential RFT (GRPO), multi-task SFT and RFT (the upper bound), SEEDS seeds each, two runs at a time (one CPU
+# thread each), then evaluate.py's report.
 #   bash compare.sh                 # the full comparison: 3 seeds, 500 test items per task
 #   bash compare.sh --quick         # a smoke version for the tests (1 seed, tiny budgets)
 #   OUT=runs/x SEEDS="0 1 2 3 4" bash compare.sh -- --lr 3e-4      # extra flags after -- go to every run
-#   bash compare.sh --sweep         # lr sweep of sequential SFT (canonical and oracle targets) and RFT on the
+#   bash compare.sh --sweep         # lr sweep of sequential SFT (each target kind) and RFT on the
 #                                   # *validation* split: the settings are chosen there, and evaluate.py --frontier
 #                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
@@ -18,6 +19,8 @@ cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
 SFT_LR=${SFT_LR:-3e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (README)
+SELF_LR=${SELF_LR:-3e-5}
+VOICE_LR=${VOICE_LR:-3e-5}
 RFT_LR=${RFT_LR:-1e-4}
 REAL_SFT_LR=${REAL_SFT_LR:-3e-5}   # the real model's: best validation AvgAcc of `bash compare.sh --real-sweep`
 REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
@@ -50,7 +53,9 @@ start=$(date +%s)
 jobs=()
 if [ "$MODE" = sweep ]; then
   for lr in ${RFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_rft.py --lr $lr --out $OUT/rft-lr$lr"); done
+  for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --sft_data self --k 4 --lr $lr --out $OUT/sft-self-lr$lr"); done
   for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --sft_data oracle --k 4 --lr $lr --out $OUT/sft-oracle-lr$lr"); done
+  for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --sft_data voice --lr $lr --out $OUT/sft-voice-lr$lr"); done
   for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
 elif [ "$MODE" = real-sweep ]; then
   for lr in ${RFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $lr --out $OUT/rft-lr$lr"); done
@@ -61,11 +66,12 @@ elif [ "$MODE" = real ]; then
   # P2's control, SFT on the model's own correct sentences
   for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
 else
-  # longest jobs first (sequential RFT, self-SFT, multi-task RFT, sequential SFT, multi-task SFT), so that the two
-  # workers run out of work at about the same time
+  # longest jobs first (sequential RFT, self-SFT, multi-task RFT, voice SFT, sequential SFT, multi-task SFT), so
+  # that the two workers run out of work at about the same time
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SELF_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $VOICE_LR --sft_data voice --seed $s --out $OUT/sft-voice-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
 fi
@@ -109,12 +115,12 @@ printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 
 kill $monitor 2>/dev/null || true
 echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
 if [ "$MODE" = sweep ] || [ "$MODE" = real-sweep ]; then
-  python3 evaluate.py "$OUT"/sft-lr*/ $(ls -d "$OUT"/sft-oracle-lr*/ 2>/dev/null) "$OUT"/rft-lr*/ \
-    --report "$OUT/report" --frontier
+  python3 evaluate.py "$OUT"/sft-lr*/ $(ls -d "$OUT"/sft-voice-lr*/ "$OUT"/sft-self-lr*/ "$OUT"/sft-oracle-lr*/ \
+    2>/dev/null) "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
 elif [ "$MODE" = real ]; then
   python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) --report "$OUT/report"
 else
-  python3 evaluate.py "$OUT"/sft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) "$OUT"/rft-[0-9]*/ \
-    "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
+  python3 evaluate.py "$OUT"/sft-[0-9]*/ $(ls -d "$OUT"/sft-voice-*/ "$OUT"/sft-self-*/ 2>/dev/null) \
+    "$OUT"/rft-[0-9]*/ "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
 fi
 echo "total wall time $(( $(date +%s) - start )) s"

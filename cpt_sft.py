@@ -17,7 +17,10 @@ After each stage the model is evaluated on every task and on the held-out genera
           from the current model)
   oracle  the base's own distribution restricted to the valid answers: the correct ones of K samples per item
           from the frozen starting model (--model); RL's Razor's oracle SFT, which should move the model least
-With self and oracle Ranks then hold different
+  voice   the canonical answer in the model's own words: its greedy reply (drawn at each step from the current
+          model) with the answer it gives replaced by the canonical one, "It is cyan." -> "It is blue."
+          (rewards.restate): it removes how the answer is said from SFT's distance, and keeps which answer
+With self, oracle and voice ranks then hold different
 numbers of targets; every rank still runs the same number of forwards (runtime.equal_chunks), as FSDP requires.
 A non-finite loss or gradient norm stops the run before the optimizer steps on it (runtime.Diverged).
 
@@ -25,6 +28,7 @@ A non-finite loss or gradient norm stops the run before the optimizer steps on i
     python3 cpt_sft.py --multitask                    # all tasks at once: the upper bound
     python3 cpt_sft.py --sft_data self                # SFT on the model's own correct rollouts (P2)
     python3 cpt_sft.py --sft_data oracle              # SFT on the base's own correct samples (RL's Razor)
+    python3 cpt_sft.py --sft_data voice               # the canonical answers, said in the model's own words
     python3 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
     torchrun --standalone --nproc_per_node=8 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\
         --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
@@ -78,8 +82,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p, steps=40, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
     g = p.add_argument_group("SFT targets (P2's self-generated data, RL's Razor's oracle)")
-    g.add_argument("--sft_data", default="gold", choices=["gold", "self", "oracle"],
-                   help="canonical answer, own correct rollouts, or the base's correct samples")
+    g.add_argument("--sft_data", default="gold", choices=["gold", "self", "oracle", "voice"],
+                   help="canonical answer, own correct rollouts, the base's correct samples, or the canonical "
+                        "answer in the model's words")
     g.add_argument("--k", type=int, default=8, help="samples per item for --sft_data self / oracle")
     args = settle_defaults(p.parse_args(argv))
     refuse(input_errors(args, positive=("k",)))
@@ -98,14 +103,16 @@ def main(argv=None):
         for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=runtime.rank() != 0):
             t0 = time.time()
             items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
-            if args.sft_data != "gold":
+            if args.sft_data == "voice":
+                pairs = runtime.restated_replies(lm, items, args.format, args.max_new_tokens, device)
+            elif args.sft_data != "gold":
                 sampler = lm if args.sft_data == "self" else base[0]
                 pairs = self_targets(sampler, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
-                if runtime.all_sum([len(pairs)], device)[0] == 0:
-                    log(stage=stage, step=step, kept=0, skipped_step=True)
-                    continue
             else:
                 pairs = [(it, runtime.target_ids(lm, it["answer"], args.format)) for it in items]
+            if runtime.all_sum([len(pairs)], device)[0] == 0:
+                log(stage=stage, step=step, kept=0, skipped_step=True)
+                continue
             loss, norm, n_tokens = sft_step(lm, opt, pairs, args.format, args.micro_batch, device, items[0],
                                             args.grad_clip)
             log(stage=stage, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=int(n_tokens),

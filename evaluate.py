@@ -154,7 +154,7 @@ def label(res):
     c = res["config"]
     name = c["script"] + ("-multitask" if c.get("multitask") else "")
     for k in ("lr", "rif", "sft_data", "adv", "kl_coef", "format", "skip_zero_var", "loss_agg"):
-        default = {"rif": "none", "sft_data": "gold", "adv": "grpo", "kl_coef": 0.0, "format": "plain",
+        default = {"rif": "none", "sft_data": "gold", "adv": "grpo", "kl_coef": 0.0, "format": "free",
                    "skip_zero_var": False, "loss_agg": "token_mean"}.get(k)
         if k in c and c[k] != default and k != "lr":
             name += f" {k}={c[k]}"
@@ -387,15 +387,17 @@ def frontier(groups, path):
 
 
 def arm(config):
-    """The picture's colour class of a run: SFT on labels (gold), SFT on the model's own or the base's own samples
-    (self, oracle: the on-policy data controls), or RFT. Index into PALETTE and ARM_LEGEND."""
+    """The picture's colour class of a run: SFT on labels (gold), RFT, SFT on the model's own or the base's own
+    samples (self, oracle: the on-policy data controls), or SFT on labels in the model's words (voice). Index into
+    PALETTE and ARM_LEGEND."""
     if config["script"] != "sft":
         return 1
-    return 2 if config.get("sft_data", "gold") != "gold" else 0
+    return {"gold": 0, "voice": 3}.get(config.get("sft_data", "gold"), 2)
 
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-ARM_LEGEND = ("SFT on labels", "RFT", "SFT on own / base samples")  # blue, red, green
+ARM_LEGEND = ("SFT on labels", "RFT", "SFT on own / base samples", "SFT on labels in own words")  # blue, red,
+# green, orange
 
 
 def kl_points(runs):
@@ -515,7 +517,7 @@ def main(argv=None):
                                             "(an HF checkpoint folder or a .gguf file)")
     g = p.add_argument_group("evaluating a model")
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE + DEFAULT_GENERAL, help="built-in names or JSONL")
-    g.add_argument("--format", default="plain", choices=FORMATS, help="answer format")
+    g.add_argument("--format", default="free", choices=FORMATS, help="answer format (free: read from the reply's words)")
     g.add_argument("--eval_n", type=int, default=500, help="test items per task")
     g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size")
     g.add_argument("--max_new_tokens", type=int, default=None, help=f"greedy completion budget (None: by --format, "

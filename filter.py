@@ -12,8 +12,9 @@ The filter is here, written out (`keep`, `filter_items`); cpt_rft.py --rif impor
 every stage, and `main` below is its stand-alone front end, with the data view.
 --emit correct writes the correct rollouts themselves as an SFT data set (P2's "RFT-simulated rollouts").
 The stats also give P2's data view: the NLL under the model (per token and per answer) of the gold answers (what
-SFT would teach: on a multi-answer task the canonical one), of its own rollouts and of its own correct rollouts
-(P2: SFT forgets more when the first is much higher).
+SFT would teach: on a multi-answer task the canonical one), of its own rollouts, of its own correct rollouts
+(P2: SFT forgets more when the first is much higher) and of the gold answers in its own words (SFT's voice-only
+labels: their distance is the *which answer* part alone).
 cpt_rft.py --rif MODE runs the same filter at the start of every stage with the model that is about to learn.
 
     python3 filter.py --task left_color --n 256 --mode zero_variance --out runs/filter
@@ -99,14 +100,16 @@ def token_nll(logp, mask):
 # ----------------------------------------------------------------------------- the data view
 
 @torch.no_grad()
-def data_nll(lm, table, fmt, device, batch_size=64):
-    """Per-token NLL under the model (temperature 1) of three data sets built from this rank's rollout table:
-    the gold answers as SFT would teach them, the model's own rollouts, and its own correct rollouts (P2's
-    "RFT-simulated" SFT data). Sums over all ranks; every rank runs the same number of forwards (FSDP)."""
+def data_nll(lm, table, fmt, device, max_new_tokens, batch_size=64):
+    """Per-token NLL under the model (temperature 1) of four data sets built from this rank's rollout table:
+    the gold answers as SFT would teach them, the model's own rollouts, its own correct rollouts (P2's
+    "RFT-simulated" SFT data), and the gold answers said in its own words (cpt_sft.py --sft_data voice: its greedy
+    reply, restated). Sums over all ranks; every rank runs the same number of forwards (FSDP)."""
     sets = {"gold": [(row["item"], runtime.target_ids(lm, row["item"]["answer"], fmt)) for row in table],
             "own": [(row["item"], c) for row in table for c in row["completions"]],
             "own_correct": [(row["item"], c) for row in table for c, s in zip(row["completions"], row["scores"])
-                            if s.correct]}
+                            if s.correct],
+            "voice": runtime.restated_replies(lm, [row["item"] for row in table], fmt, max_new_tokens, device)}
     out = {}
     for name, pairs in sets.items():
         nll = tokens = 0.0
@@ -129,7 +132,7 @@ def main(argv=None):
     g.add_argument("--task", required=True, help="built-in task name or JSONL file")
     g.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to filter")
     g.add_argument("--n", type=int, default=256, help="instances (built-in tasks; JSONL: all lines if omitted)")
-    g.add_argument("--format", default="plain", choices=FORMATS, help="answer format")
+    g.add_argument("--format", default="free", choices=FORMATS, help="answer format (free: read from the words)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--k", type=int, default=8, help="rollouts per instance")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -161,7 +164,7 @@ def main(argv=None):
     mine = items[runtime.rank()::runtime.world()]
     flags, stats, table = filter_items(lm, mine, args.mode, args.format, args.k, args.temperature,
                                               args.max_new_tokens, device, args.gen_batch, args.low, args.high)
-    stats.update(data_nll(lm, table, args.format, device))
+    stats.update(data_nll(lm, table, args.format, device, args.max_new_tokens))
     os.makedirs(args.out, exist_ok=True)
     name = "kept.jsonl" if args.emit == "kept" else "correct.jsonl"
     rows = []

@@ -30,7 +30,8 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE, help="CPT sequence: built-in names or JSONL files")
     g.add_argument("--general", nargs="*", default=DEFAULT_GENERAL, help="held-out tasks evaluated after every stage")
     g.add_argument("--multitask", action="store_true", help="train once on the union of --tasks (the upper bound)")
-    g.add_argument("--format", default="plain", choices=FORMATS, help="answer format (free: read from free text)")
+    g.add_argument("--format", default="free", choices=FORMATS,
+                   help="answer format (free: read from the reply's words, as the tiny base and chat models speak)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (None: runs/<script>)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")

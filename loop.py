@@ -313,7 +313,8 @@ def stage_warnings(rows):
     steps = [r for r in rows if "skipped_step" in r or "loss" in r]
     skipped = sum(bool(r.get("skipped_step")) for r in steps)
     if steps and skipped == len(steps):
-        out.append(f"all {len(steps)} steps were skipped (no group's rewards differed, or no sample was correct): "
+        out.append(f"all {len(steps)} steps were skipped (no group's rewards differed, no sample was correct, or "
+                   f"no reply stated an answer to restate): "
                    f"the stage trained nothing and its row is the previous model's")
     losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
     at = loss_rose(losses)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.rewards import FORMAT_INSTRUCTIONS, answer_text, score
+from data.rewards import FORMAT_INSTRUCTIONS, answer_text, restate, score
 from data.tasks import open_image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -574,6 +574,21 @@ def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=2
             out.append({"item": it, "completions": cs, "texts": texts, "scores": scores, "rewards": rewards,
                         "truncated": ts})
     return out
+
+
+def restated_replies(lm, items, fmt, max_new_tokens, device, batch_size=256):
+    """(item, target ids) pairs for SFT's voice-only arm: each item's greedy reply from `lm` with the answer it gives
+    replaced by the item's canonical one (rewards.restate): the answer SFT data hold, in the model's own words. An
+    item whose reply states no single answer gives no pair."""
+    pairs = []
+    for chunk, real in equal_chunks(items, batch_size, device, items[0]):
+        comps, _ = sample(lm, chunk, fmt, max_new_tokens, greedy=True, device=device)
+        for it, comp in zip(chunk if real else [], comps):
+            said = restate(decode(lm, comp), it["answer"], it["kind"], [*it.get("valid", []),
+                                                                        *it.get("candidates", [])])
+            if said is not None:  # the reply keeps its format's wrapping (\\boxed{}, tags): nothing to add
+                pairs.append((it, target_ids(lm, said, "plain")))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- 6. FSDP2 and checkpoints

@@ -221,6 +221,43 @@ def read_free(text, gold, kind, candidates=()):
     raise ValueError(f"unknown verifier kind {kind!r}; expected one of {KINDS}")
 
 
+def _answer_spans(text, gold, kind, candidates):
+    """(start, end) of every place in `text` where it states an answer, for `restate`: each number, each run of n
+    tile numbers, each chosen letter, or each candidate named as whole words (case and spacing aside)."""
+    if kind == "number":
+        return [m.span() for m in _NUMBER.finditer(text)]
+    if kind == "perm":
+        n = len(gold.split())
+        return [m.span() for m in re.finditer(r"(?<!\d)\d(?:[\s,]+\d){%d}(?!\d)" % (n - 1), text)
+                if parse_placement(m.group(), n)]
+    if kind == "choice":
+        return [m.span(next(i for i, g in enumerate(m.groups(), 1) if g)) for m in _CHOICE.finditer(text)]
+    spans = []
+    for cand in dict.fromkeys([gold, *candidates]):
+        words = cand.split()
+        if words:
+            pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
+            spans += [m.span() for m in re.finditer(pattern, text, re.I)]
+    return [a for a in spans if not any(b[0] <= a[0] and a[1] <= b[1] and b != a for b in spans)]
+
+
+def restate(text, canonical, kind, candidates=()):
+    """The reply `text` saying `canonical` instead of the answer it gives: the last place it states an answer is
+    replaced, the rest of its words kept ("It is cyan." -> "It is blue."). This is SFT's voice-only label: the
+    canonical answer in the model's own wording. None when the reply states no answer, or hedges between several
+    candidates (read_free would give no single answer either)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    named = read_free(text, canonical, kind, candidates) if kind == "exact" else ""
+    if named is None or " | " in named:
+        return None
+    spans = _answer_spans(text, canonical, kind, candidates)
+    if not spans:
+        return None
+    start, end = max(spans)
+    return text[:start] + canonical + text[end:]
+
+
 # ----------------------------------------------------------------------------- verifiers
 
 def perm_credit(pred, gold):

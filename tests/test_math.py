@@ -326,6 +326,7 @@ def test_pictures_colour_the_on_policy_data_controls_apart():
     from evaluate import arm
     assert arm({"script": "rft"}) == 1
     assert arm({"script": "sft", "sft_data": "gold"}) == 0 and arm({"script": "sft"}) == 0
+    assert arm({"script": "sft", "sft_data": "voice"}) == 3 and arm({"script": "sft", "sft_data": "oracle"}) == 2
     assert arm({"script": "sft", "sft_data": "self"}) == 2 and arm({"script": "sft", "sft_data": "oracle"}) == 2
 
 

@@ -140,7 +140,7 @@ def test_data_nll_of_gold_and_own_rollouts():
     right, wrong = SimpleNamespace(correct=True), SimpleNamespace(correct=False)
     # "rollouts" that repeat the gold answer, one of them marked wrong: all three sets hold the same sequences
     table = [{"item": it, "completions": [g, g], "scores": [right, wrong]} for it, g in zip(items, gold)]
-    out = data_nll(B, table, "plain", "cpu", batch_size=2)   # 2 per forward: chunking and a partial last chunk
+    out = data_nll(B, table, "plain", "cpu", 16, batch_size=2)   # 2 per forward: chunking and a partial last chunk
     # expected, one item at a time from the model's full logits (no padding, no logits_to_keep, no masking code)
     nll = n = 0.0
     for it, g in zip(items, gold):
@@ -206,16 +206,18 @@ def test_all_silent_step_leaves_adamw_weights_alone():
 
 
 def test_self_targets_are_exactly_the_correct_rollouts():
-    """Read independently of the verifier: on left_color (one right answer, plain format) a sample is correct when
-    its text is the gold colour word, and the pair is that word's tokens then end-of-turn."""
+    """Read independently of the verifier: on left_color (one right answer) a sample of the base is correct when its
+    sentence names the gold colour and no other, and the pair is the sample's tokens then end-of-turn."""
     from cpt_sft import self_targets
+    from data.tasks import COLORS
     items = builtin_items("left_color", "test", 6)
     torch.manual_seed(3)
-    table = runtime.rollout(B, items, "plain", 4, 1.0, 16, "cpu")
+    table = runtime.rollout(B, items, "free", 4, 1.0, 16, "cpu")
+    named = lambda text: {w.strip(".,!?").lower() for w in text.split()} & set(COLORS)
     right = [(row["item"]["answer"], c) for row in table for c in row["completions"]
-             if runtime.decode(B, c).strip().lower() == row["item"]["answer"]]
+             if named(runtime.decode(B, c)) == {row["item"]["answer"]}]
     torch.manual_seed(3)
-    pairs = self_targets(B, items, "plain", 4, 1.0, 16, "cpu")
+    pairs = self_targets(B, items, "free", 4, 1.0, 16, "cpu")
     assert 0 < len(pairs) < 24                                     # some right, some wrong: a real selection
     assert [(it["answer"], c) for it, c in pairs] == right
     assert all(c[-1] == B.eos_id for _, c in pairs)
@@ -261,3 +263,21 @@ def test_kl_to_base_is_zero_for_the_base_and_grows_when_the_model_moves():
     logp, mask = runtime.token_logprobs(B, items, "plain", [runtime.target_ids(B, it["answer"], "plain")
                                                             for it in items], "cpu")
     assert ll == pytest.approx(float((logp * mask).sum() / len(items)), rel=1e-5) and ll < 0
+
+
+def test_voice_targets_are_the_greedy_replies_with_the_canonical_answer():
+    """Read independently of rewards.restate: the base's greedy reply ends with its answer word and a full stop
+    (its templates, data/tasks.py VOICE); the voice-only label is that reply with the last word swapped for the
+    canonical answer, then end of turn."""
+    items = builtin_items("any_color", "test", 12)
+    comps, _ = runtime.sample(B, items, "free", 16, greedy=True)
+    expect, changed = [], 0
+    for it, c in zip(items, comps):
+        words = runtime.decode(B, c).split()
+        if words and words[-1].rstrip(".").lower() in it["candidates"]:   # a reply that names a colour
+            expect.append((it["answer"], " ".join(words[:-1] + [it["answer"] + "."])))
+            changed += words[-1].rstrip(".").lower() != it["answer"]
+    pairs = runtime.restated_replies(B, items, "free", 16, "cpu")
+    assert len(pairs) >= 8 and changed >= 2   # most replies name a colour, and some not the canonical one
+    assert [(it["answer"], runtime.decode(B, t)) for it, t in pairs] == expect
+    assert all(t[-1] == B.eos_id for _, t in pairs)

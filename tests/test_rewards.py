@@ -224,3 +224,21 @@ def test_an_item_with_several_valid_answers_accepts_each_and_nothing_else():
     s = score("green", "red", "exact", "free", cands, valid)
     assert not s.correct and s.format_ok and abs(s.reward - 0.1) < 1e-12
     assert score("7", "2", "exact", "plain", [str(c) for c in range(1, 10)], ["2", "7"]).reward == 0.9 + 0.1
+
+
+def test_restate_puts_the_canonical_answer_in_the_reply_s_own_words():
+    """SFT's voice-only label: the reply's wording kept, its answer replaced (the last place it states one)."""
+    from data.rewards import restate
+    colours = ["red", "blue", "cyan", "light blue"]
+    assert restate("It is cyan.", "blue", "exact", colours) == "It is blue."
+    assert restate("The answer is Red!", "blue", "exact", colours) == "The answer is blue!"
+    assert restate("I see light blue.", "red", "exact", colours) == "I see red."      # the longer name, whole
+    assert restate("blue", "red", "exact", colours) == "red"                          # a bare reply stays bare
+    assert restate("The sum of 3 and 5 is 9.", "8", "number") == "The sum of 3 and 5 is 8."
+    assert restate("Tiles: 1 2 3 4, so 2 1 3 4.", "2 4 1 3", "perm") == "Tiles: 1 2 3 4, so 2 4 1 3."
+    assert restate("The answer is (B).", "C", "choice") == "The answer is (C)."
+    assert restate("\\boxed{9}", "8", "number") == "\\boxed{8}"                       # a format's wrapping kept
+    # no single answer stated: no label (read_free would read none either)
+    assert restate("red or blue", "blue", "exact", colours) is None
+    assert restate("I do not know.", "blue", "exact", colours) is None
+    assert restate("", "8", "number") is None and restate("no number", "8", "number") is None

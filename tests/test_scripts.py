@@ -103,8 +103,9 @@ def test_sft_on_own_correct_rollouts(tmp_path):
     trained = [x for x in logs if not x.get("skipped_step")]
     # each step trains on the correct ones of 4 items x 4 rollouts: a selection, not the 4 gold answers
     assert trained and all(0 < x["items"] <= 16 for x in trained) and any(x["items"] != 4 for x in trained)
-    # plain format: a correct rollout is the colour word plus end-of-turn, 2 tokens each with this tokenizer
-    assert all(x["tokens"] == 2 * x["items"] for x in trained)
+    # a correct rollout is the base's sentence ("It is red." and end of turn: 5 tokens with this tokenizer), not
+    # the bare gold answer (the word and end of turn: 2)
+    assert all(x["tokens"] >= 4 * x["items"] for x in trained)
 
 
 def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_path):
@@ -118,8 +119,8 @@ def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_pa
     base = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
     for stage, task in ((1, "left_color"), (2, "top_color")):
         items = Stream([task], (0, stage)).next(4)  # the stage's first batch (seed 0, one process)
-        greedy, _ = runtime.sample(base, items, "plain", 16, greedy=True)
-        right = sum(runtime.score_item(runtime.decode(base, c), it, "plain").correct for c, it in zip(greedy, items))
+        greedy, _ = runtime.sample(base, items, "free", 64, greedy=True)
+        right = sum(runtime.score_item(runtime.decode(base, c), it, "free").correct for c, it in zip(greedy, items))
         first = next(x for x in logs if x["stage"] == stage and x["step"] == 0)
         assert first.get("items", 0) == right, (stage, first, right)
 
@@ -138,7 +139,8 @@ def test_filter_cli_writes_kept_and_correct(tmp_path):
     assert stats["kept"] == 12 - hist[0]   # incompetent drops exactly the instances with 0 of 4 correct
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--emit", "correct", "--out", out)
     rows = [json.loads(x) for x in open(os.path.join(out, "correct.jsonl"))]
-    assert all(r["answer"] == r["gold"] for r in rows)  # plain format: a correct rollout is the gold answer
+    # a correct rollout is a sentence of the base's that ends with the gold colour ("It is red.")
+    assert rows and all(r["answer"].rstrip(".").split()[-1].lower() == r["gold"] for r in rows)
 
 
 def test_text_only_model(tmp_path):
