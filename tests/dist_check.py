@@ -51,19 +51,22 @@ def main():
     items = builtin_items("left_color", "train", 24) + builtin_items("add", "train", 24)
     # SGD, not AdamW: Adam divides by sqrt(v), turning 1e-7 rounding in near-zero gradients into lr-sized steps;
     # the check is about gradients and normalisers across ranks, which SGD passes through unamplified
+    # the labels are said in the base's voice ("It is red."): the bare answers cost ~15 nats a token under it, and
+    # SGD at this rate on such losses throws the model far enough that the GRPO steps' gradient norms reach 1e5
+    voice = lambda answer: runtime.target_ids(b, f"It is {answer}.", "plain")
     opt = torch.optim.SGD(b.model.parameters(), lr=0.05)
     losses = []
     per = 8 // world
     for step in range(3):
         batch = items[step * 8:(step + 1) * 8][rank * per:(rank + 1) * per]
-        pairs = [(it, runtime.target_ids(b, it["answer"], "plain")) for it in batch]
+        pairs = [(it, voice(it["answer"])) for it in batch]
         loss, _, _ = sft_step(b, opt, pairs, "plain", 2, device, batch[0])   # micro-batch 2: accumulation too
         losses.append(loss)
     # uneven SFT, as --sft_data self gives: the global pairs split 3 + 1, then 4 + 0 (micro-batch 1); image items
     # on every rank, since a VLM's vision tower is an FSDP unit that every rank must run alike
     uneven = builtin_items("top_color", "train", 8)
     for step, split in ((0, 3), (1, 4)):
-        pairs = [(it, runtime.target_ids(b, it["answer"], "plain")) for it in uneven[step * 4:step * 4 + 4]]
+        pairs = [(it, voice(it["answer"])) for it in uneven[step * 4:step * 4 + 4]]
         mine = pairs if world == 1 else (pairs[:split] if rank == 0 else pairs[split:])
         loss, _, _ = sft_step(b, opt, mine, "plain", 1, device, uneven[0])
         losses.append(loss)
@@ -71,8 +74,8 @@ def main():
     args = GRPOConfig(micro_batch=3, ppo_epochs=2, kl_coef=0.05, loss_agg=a.loss_agg, max_new_tokens=8)
     ref = runtime.load_model(runtime.DEFAULT_MODEL, device)
     pool = builtin_items("right_shape", "train", 8)
-    seqs = [(it, b.tok(" ".join(["circle"] * (1 + i % 4)))["input_ids"] + [b.eos_id], (-1) ** i * (0.5 + i / 10))
-            for i, it in enumerate(pool)]
+    seqs = [(it, b.tok("It is " + " ".join(["circle"] * (1 + i % 4)) + ".")["input_ids"] + [b.eos_id],
+             (-1) ** i * (0.5 + i / 10)) for i, it in enumerate(pool)]
     per = len(seqs) // world
     m = grpo_update(b, ref, opt, seqs[rank * per:(rank + 1) * per], args, device)
     losses.append(m["grad_norm"])

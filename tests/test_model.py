@@ -178,7 +178,7 @@ def _grpo_args(agg="token_mean", **kw):
 def test_zero_advantage_groups_are_skipped_without_changing_the_gradient(agg):
     from cpt_rft import grpo_update
     items = builtin_items("left_color", "test", 2)
-    comp = [runtime.target_ids(B, w, "plain") for w in ("red", "blue", "green", "yellow")]
+    comp = [runtime.target_ids(B, f"It is {w}.", "plain") for w in ("red", "blue", "green", "yellow")]  # its voice
     live = [(items[0], comp[0], 1.0), (items[0], comp[1], -1.0)]
     dead = [(items[1], comp[2], 0.0), (items[1], comp[3], 0.0)]   # a zero-variance group: A = 0
     args = _grpo_args(agg)

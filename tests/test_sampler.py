@@ -42,23 +42,23 @@ def test_the_samples_of_a_prompt_share_its_prefill():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_first_tokens_follow_the_probabilities_the_loss_scores(temperature):
-    """4,000 draws of the first answer token of one any_color prompt (several colours are likely), counted on the
-    three likeliest tokens and the rest, against exp(token_logprobs): a chi-square test with 3 degrees of freedom
-    (16.27 is its 0.1 % critical value)."""
+    """4,000 draws of the first reply token of one any_color prompt (the base's templates start "It", "The" or "I",
+    60/30/10 % in its pre-training), counted on the two likeliest tokens and the rest, against exp(token_logprobs): a
+    chi-square test with 2 degrees of freedom (13.82 is its 0.1 % critical value)."""
     item = builtin_items("any_color", "test", 1)[0]
-    batch, _, _ = runtime.encode(B, [item], "plain")
+    batch, _, _ = runtime.encode(B, [item], "free")
     with torch.no_grad():
-        top = B.model(**batch).logits[0, -1].topk(3).indices.tolist()
-    logp, _ = runtime.token_logprobs(B, [item] * 3, "plain", [[t] for t in top], "cpu", temperature)
+        top = B.model(**batch).logits[0, -1].topk(2).indices.tolist()
+    logp, _ = runtime.token_logprobs(B, [item] * 2, "free", [[t] for t in top], "cpu", temperature)
     p = logp[:, 0].exp().tolist()
     expected = [4000 * x for x in p] + [4000 * (1 - sum(p))]
     torch.manual_seed(0)
-    comps, _ = runtime.sample(B, [item], "plain", 1, temperature, n=4000)
+    comps, _ = runtime.sample(B, [item], "free", 1, temperature, n=4000)
     firsts = [c[0] for c in comps]
     counts = [firsts.count(t) for t in top] + [sum(f not in top for f in firsts)]
     assert min(expected) > 5, expected                              # the test's own condition
     chi2 = sum((c - e) ** 2 / e for c, e in zip(counts, expected))
-    assert chi2 < 16.27, (counts, expected)
+    assert chi2 < 13.82, (counts, expected)
 
 
 def test_forbidden_tokens_are_never_drawn_even_when_most_likely():

@@ -114,7 +114,7 @@ def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_pa
     right, whatever stage 1 did to the model."""
     from data.tasks import Stream
     d = str(tmp_path / "oracle")
-    run("cpt_sft.py", *TINY, "--sft_data", "oracle", "--k", "1", "--temperature", "1e-4", "--lr", "3e-3", "--out", d)
+    run("cpt_sft.py", *TINY, "--sft_data", "oracle", "--k", "1", "--temperature", "1e-4", "--lr", "1e-3", "--out", d)
     logs = [json.loads(x) for x in open(os.path.join(d, "log.jsonl"))]
     base = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
     for stage, task in ((1, "left_color"), (2, "top_color")):
@@ -184,8 +184,8 @@ def test_compare_quick(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "compare.sh"), "--quick"], env={**ENV, "OUT": out}, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for arm in ("sft lr=3e-05 k=8 sft_data=gold", "sft sft_data=self lr=3e-05 k=4", "rft lr=0.0001", "sft-multitask lr=3e-05",
-                "rft-multitask lr=0.0001"):
+    for arm in ("sft lr=1e-05 k=8 sft_data=gold", "sft sft_data=voice lr=3e-05 k=8", "sft sft_data=self lr=0.0001 k=4",
+                "rft lr=0.0001"):
         assert f"| {arm} | 1 |" in r.stdout, arm
     assert os.path.exists(os.path.join(out, "report", "report.md"))
     assert "total wall time" in r.stdout

@@ -13,6 +13,10 @@ is about 1). Per model, the mean over prompts of:
   KL(model||base)       exact reverse KL
 
     python tools/first_token.py --models runs/compare/rft-0/stage-4 runs/compare/sft-0/stage-4 --task any_color
+
+Written for the bare-answer tiny base (before its rebuild with a voice, `--format plain`, the record's earlier
+sections): on today's base an answer is a sentence, so the first token is its template's, not its answer, and this
+reading does not apply; use filter.py's data view (nats per whole answer) instead.
 """
 import argparse
 import os
