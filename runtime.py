@@ -586,7 +586,7 @@ def restated_replies(lm, items, fmt, max_new_tokens, device, batch_size=256):
         for it, comp in zip(chunk if real else [], comps):
             said = restate(decode(lm, comp), it["answer"], it["kind"], [*it.get("valid", []),
                                                                         *it.get("candidates", [])])
-            if said is not None:  # the reply keeps its format's wrapping (\\boxed{}, tags): nothing to add
+            if said is not None:  # the reply keeps its format's wrapping (a boxed answer, tags): nothing to add
                 pairs.append((it, target_ids(lm, said, "plain")))
     return pairs
 

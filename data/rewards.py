@@ -192,14 +192,17 @@ def named_candidates(text, candidates):
     return list(dict.fromkeys(c for _, _, c in sorted(kept)))
 
 
+def placements(text, n):
+    """Every run of n tile numbers (1..n) in `text`, as regex matches in order (read_free reads the last one;
+    restate replaces it)."""
+    runs = re.finditer(r"(?<!\d)\d(?:[\s,]+\d){%d}(?!\d)" % (n - 1), text) if n > 0 else []
+    return [m for m in runs if parse_placement(m.group(), n) is not None]
+
+
 def last_placement(text, n):
     """The last run of n tile numbers (1..n) in `text`, as "2 4 1 3"; None if there is none."""
-    runs = re.findall(r"(?<!\d)\d(?:[\s,]+\d){%d}(?!\d)" % (n - 1), text) if n > 0 else []
-    for run in reversed(runs):
-        tiles = parse_placement(run, n)
-        if tiles is not None:
-            return " ".join(map(str, tiles))
-    return None
+    found = placements(text, n)
+    return " ".join(map(str, parse_placement(found[-1].group(), n))) if found else None
 
 
 def read_free(text, gold, kind, candidates=()):
@@ -227,9 +230,7 @@ def _answer_spans(text, gold, kind, candidates):
     if kind == "number":
         return [m.span() for m in _NUMBER.finditer(text)]
     if kind == "perm":
-        n = len(gold.split())
-        return [m.span() for m in re.finditer(r"(?<!\d)\d(?:[\s,]+\d){%d}(?!\d)" % (n - 1), text)
-                if parse_placement(m.group(), n)]
+        return [m.span() for m in placements(text, len(gold.split()))]
     if kind == "choice":
         return [m.span(next(i for i, g in enumerate(m.groups(), 1) if g)) for m in _CHOICE.finditer(text)]
     spans = []
