@@ -84,11 +84,12 @@ else
   for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
 fi
 echo "compare.sh: ${#jobs[@]} runs, two at a time; each run's output goes to $OUT/<run>.log"
-# progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left
+# progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left, from the
+# rows written since this command started (a resumed comparison's finished runs would make the estimate far too low)
 progress() {
-  EXTRA_FLAGS="${EXTRA[*]:-}" python3 - "$OUT" "$start" "${jobs[@]}" <<'PY'
+  EXTRA_FLAGS="${EXTRA[*]:-}" python3 - "$OUT" "$start" "$1" "${jobs[@]}" <<'PY'
 import json, os, sys, time
-out, start, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out, start, rows_before, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 flags = os.environ["EXTRA_FLAGS"].split()
 n_tasks = 4  # the default sequence, unless the extra flags name the tasks
 if "--tasks" in flags:
@@ -108,12 +109,16 @@ for j in jobs:
     done, total = done + rows, total + want
     if 0 < rows < want or (rows == 0 and os.path.exists(d + ".log")):
         running.append(f"{os.path.basename(d)} {max(rows - 1, 0)}/{want - 1} stages")
-el = time.time() - start
-eta = f"~{el * (total - done) / done:.0f} s left" if done else "estimating"
+if rows_before == "count":  # called once before the runs start
+    print(done)
+    sys.exit()
+el, new = time.time() - start, done - int(rows_before)
+eta = f"~{el * (total - done) / new:.0f} s left" if new > 0 else "estimating"
 print(f"  [{el:4.0f} s] {done}/{total} rows written; running: {', '.join(running) or '-'}; {eta}", flush=True)
 PY
 }
-( while sleep 30; do progress; done ) &
+rows_before=$(progress count)
+( while sleep 30; do progress "$rows_before"; done ) &
 monitor=$!
 trap 'kill $monitor 2>/dev/null || true' EXIT
 printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 -I{} sh -c \

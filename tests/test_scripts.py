@@ -189,3 +189,4 @@ def test_compare_quick(tmp_path):
         assert f"| {arm} | 1 |" in r.stdout, arm
     assert os.path.exists(os.path.join(out, "report", "report.md"))
     assert "total wall time" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr  # the progress monitor prints one if it breaks
