@@ -220,7 +220,7 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     else:
         model = _plain(_from_pretrained(cls, path, folder, dtype, kw)).to(device)
         if grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
     lm = Bundle(model, tok, improc)
     lm.path = path
     return lm
@@ -251,6 +251,15 @@ def _plain(model):
     return model
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each block's activations in the backward instead of keeping them. transformers 5.x renamed the
+    call (the old name prints a FutureWarning); older 5.x versions have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     """FSDP2 loading without a whole copy per GPU: every rank builds the model on the meta device (no memory) and
     shards it, then allocates only its own shard on `device`; rank 0 alone reads the checkpoint (into CPU memory)
@@ -261,7 +270,7 @@ def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     with torch.device("meta"):
         model = cls.from_config(cfg, dtype=dtype)
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     _fully_shard_blocks(model, device)
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
