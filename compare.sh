@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
-SFT_LR=${SFT_LR:-1e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (README)
+SFT_LR=${SFT_LR:-1e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (docs/findings.md)
 SELF_LR=${SELF_LR:-1e-4}
 VOICE_LR=${VOICE_LR:-3e-5}
 RFT_LR=${RFT_LR:-1e-4}
@@ -34,7 +34,7 @@ REAL_RFT=(--batch_size 2 --group 8 --micro_batch 16)  # 16 samples a step (the s
 REAL_SFT=(--batch_size 8 --micro_batch 8)
 EXTRA=(--eval_n 200 --general_n 500)  # the sweep: 200 items per CPT task, 500 per general skill
 MODE=compare
-# the comparison within 8 minutes: 100 items per CPT task, 250 per skill, the KL on 50 prompts x 2 base samples
+# the comparison kept to about 10 minutes: 100 items per CPT task, 250 per skill, the KL on 50 prompts x 2 base samples
 COMPARE_ONLY=(--eval_n 100 --general_n 250 --kl_n 50 --kl_samples 2)
 case "${1:-}" in
   --quick) shift; SEEDS=${QUICK_SEEDS:-"0"}; MODE=quick

@@ -78,15 +78,24 @@ def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
     return [(row["item"], comp) for row in table for comp, s in zip(row["completions"], row["scores"]) if s.correct]
 
 
+# the learning rates `bash compare.sh --sweep` chose on the validation split: far-off labels (gold) break the tiny base
+# above 1e-5, the model's own samples (self, oracle) stand 1e-4
+LR_BY_DATA = {"gold": 1e-5, "voice": 3e-5, "self": 1e-4, "oracle": 1e-4}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    add_common_args(p, steps=40, micro_batch=16, lr=3e-5, lr_note="tuned on val; P1: 1e-5 on 7B")
+    add_common_args(p, steps=40, micro_batch=16, lr=None,
+                    lr_note="None: by --sft_data, chosen on val: " +
+                    ", ".join(f"{k} {v:g}" for k, v in LR_BY_DATA.items()) + "; P1: 1e-5 on 7B")
     g = p.add_argument_group("SFT targets (P2's self-generated data, RL's Razor's oracle)")
     g.add_argument("--sft_data", default="gold", choices=["gold", "self", "oracle", "voice"],
                    help="canonical answer, own correct rollouts, the base's correct samples, or the canonical "
                         "answer in the model's words")
     g.add_argument("--k", type=int, default=8, help="samples per item for --sft_data self / oracle")
-    args = settle_defaults(p.parse_args(argv))
+    args = p.parse_args(argv)
+    args.lr = LR_BY_DATA[args.sft_data] if args.lr is None else args.lr
+    args = settle_defaults(args)
     refuse(input_errors(args, positive=("k",)))
 
     base = []  # the frozen starting model, loaded once, for --sft_data oracle

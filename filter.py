@@ -131,7 +131,7 @@ def main(argv=None):
     g.add_argument("--model", default=runtime.DEFAULT_MODEL, help="HF checkpoint folder or .gguf file")
     g.add_argument("--task", required=True, help="built-in task name or JSONL file")
     g.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to filter")
-    g.add_argument("--n", type=int, default=256, help="instances (built-in tasks; JSONL: all lines if omitted)")
+    g.add_argument("--n", type=int, default=None, help="instances (default 256 of a built-in task, all lines of a JSONL file)")
     g.add_argument("--format", default="free", choices=FORMATS, help="answer format (free: read from the words)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--k", type=int, default=8, help="rollouts per instance")
@@ -148,12 +148,14 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the rollouts' sampling")
     args = p.parse_args(argv)
     args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[args.format]
+    if args.n is None and args.task in BUILTIN:
+        args.n = 256
     errors = [f"--{k} {getattr(args, k)}: must be at least 1" for k in ("n", "k", "max_new_tokens", "gen_batch")
-              if getattr(args, k) < 1]
+              if getattr(args, k) is not None and getattr(args, k) < 1]
     if not (args.temperature > 0 and args.temperature < float("inf")):
         errors.append(f"--temperature {args.temperature}: must be a positive number")
     try:
-        items = load_split(args.task, args.split, args.n if args.task in BUILTIN else None)
+        items = load_split(args.task, args.split, args.n)
     except (DataError, KeyError) as e:
         errors.append(str(e))
     refuse(errors)

@@ -50,7 +50,8 @@ def run_cpt(args, script, train_stage):
     try:
         done = max(len(res["rows"]) - 1, 0)
         start = os.path.join(out, f"stage-{done}") if done else args.model
-        print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns)}; world size {world_}; device {device}; "
+        print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns[:len(args.tasks)])}; general tasks "
+               f"{', '.join(columns[len(args.tasks):]) or '-'}; world size {world_}; device {device}; "
                f"{'resuming after stage ' + str(done) + ' from ' + start if done else 'starting from ' + args.model}")
         if done:
             refuse(architecture_errors(start, args.model))

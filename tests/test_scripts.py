@@ -131,6 +131,12 @@ def test_filter_cli_writes_kept_and_correct(tmp_path):
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--mode", "none", "--out", out)
     items = load_jsonl(os.path.join(out, "kept.jsonl"))     # written images load back as a user data set
     assert len(items) == 12 and all(os.path.exists(p) for it in items for p in it["images"])
+    # that file as a user's task: --n takes its first train lines; without --n, every train line (12 lines less
+    # line 5, held out for test, and line 10, for validation)
+    for n, want in (("5", 5), (None, 10)):
+        run("filter.py", "--task", os.path.join(out, "kept.jsonl"), *(["--n", n] if n else []), "--k", "2",
+            "--mode", "none", "--out", str(tmp_path / "user"))
+        assert json.load(open(tmp_path / "user" / "stats.json"))["instances"] == want
     run("filter.py", "--task", "left_color", "--n", "12", "--k", "4", "--mode", "incompetent", "--out", out)
     stats = json.load(open(os.path.join(out, "stats.json")))
     kept = open(os.path.join(out, "kept.jsonl")).read().splitlines()
@@ -172,7 +178,7 @@ def test_evaluate_report_and_checkpoint_mode(tmp_path):
     run("cpt_sft.py", *TINY, "--seed", "1", "--out", b)
     rep = str(tmp_path / "rep")
     out = run("evaluate.py", a, b, "--report", rep, "--frontier")
-    assert "| sft lr=3e-05 | 2 |" in out
+    assert "| sft lr=1e-05 | 2 |" in out   # gold SFT's default rate
     for f in ("report.md", "summary.json", "curves.png", "frontier.png"):
         assert os.path.exists(os.path.join(rep, f))
     out = run("evaluate.py", os.path.join(a, "stage-2"), "--tasks", "add", "--eval_n", "10")
