@@ -118,7 +118,7 @@ eta = f"~{el * (total - done) / new:.0f} s left" if new > 0 else "estimating"
 print(f"  [{el:4.0f} s] {done}/{total} rows written; running: {', '.join(running) or '-'}; {eta}", flush=True)
 PY
 }
-rows_before=$(progress count)
+rows_before=$(progress count || echo 0)  # the estimate only: never a reason to stop
 ( while sleep 30; do progress "$rows_before"; done ) &
 monitor=$!
 trap 'kill $monitor 2>/dev/null || true' EXIT
