@@ -19,9 +19,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
 SEEDS=${SEEDS:-"0 1 2"}
-SFT_LR=${SFT_LR:-1e-5}   # each the best validation AvgAcc of `bash compare.sh --sweep`, a tie to the smaller (docs/findings.md)
-SELF_LR=${SELF_LR:-1e-4}
-VOICE_LR=${VOICE_LR:-3e-5}
+# SFT's rates: cpt_sft.py's defaults by --sft_data (LR_BY_DATA, the best validation AvgAcc of `bash compare.sh
+# --sweep`, a tie to the smaller: docs/findings.md); SFT_LR, SELF_LR, VOICE_LR override them
+SFT_LR=${SFT_LR:+--lr $SFT_LR}
+SELF_LR=${SELF_LR:+--lr $SELF_LR}
+VOICE_LR=${VOICE_LR:+--lr $VOICE_LR}
 RFT_LR=${RFT_LR:-1e-4}
 LABEL_LRS=${LABEL_LRS:-"3e-6 1e-5 3e-5 1e-4 3e-4"}  # the sweep's grid for SFT on labels (canonical, voice): its best
 SAMPLE_LRS=${SAMPLE_LRS:-"3e-5 1e-4 3e-4"}          # was at the grid's low edge, so the grid goes lower; the rest
@@ -75,14 +77,14 @@ elif [ "$MODE" = real ]; then
   done
 elif [ "$MODE" = multitask ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py $SFT_LR --multitask --seed $s --out $OUT/sft-multitask-$s"); done
 else
   # longest jobs first (self-SFT, voice SFT, sequential RFT, SFT), so that the two workers run out of work at about
   # the same time
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SELF_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $VOICE_LR --sft_data voice --seed $s --out $OUT/sft-voice-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py $SELF_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py $VOICE_LR --sft_data voice --seed $s --out $OUT/sft-voice-$s"); done
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
-  for s in $SEEDS; do jobs+=("cpt_sft.py --lr $SFT_LR --seed $s --out $OUT/sft-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py $SFT_LR --seed $s --out $OUT/sft-$s"); done
 fi
 echo "compare.sh: ${#jobs[@]} runs, two at a time; each run's output goes to $OUT/<run>.log"
 # progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left, from the

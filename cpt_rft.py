@@ -238,10 +238,7 @@ def _logp(lm, micro_batch, args, device):
     (runtime.shared_prompt_logprobs: the same log-probs and gradient as forwarding it G times). Activation
     checkpointing turns the KV cache off, and FSDP2 is not yet checked with a forward split in two: those repeat
     the prompt."""
-    # transformers 5 renamed the property (the old name warns on every read); older versions have only the old one
-    ckpt = getattr(lm.model, "is_activation_checkpointing", None)
-    ckpt = getattr(lm.model, "is_gradient_checkpointing", False) if ckpt is None else ckpt
-    shared = not runtime.is_dist() and not ckpt
+    shared = not runtime.is_dist() and not runtime.is_activation_checkpointing(lm.model)
     scorer = runtime.shared_prompt_logprobs if shared else runtime.token_logprobs
     logp, mask = scorer(lm, [s[0] for s in micro_batch], args.format, [s[1] for s in micro_batch], device,
                         args.temperature)

@@ -131,7 +131,8 @@ def main(argv=None):
     g.add_argument("--model", default=runtime.DEFAULT_MODEL, help="HF checkpoint folder or .gguf file")
     g.add_argument("--task", required=True, help="built-in task name or JSONL file")
     g.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to filter")
-    g.add_argument("--n", type=int, default=None, help="instances (default 256 of a built-in task, all lines of a JSONL file)")
+    g.add_argument("--n", type=int, default=None,
+                   help="instances (default: 256 of a built-in task, every line of the split of a JSONL file)")
     g.add_argument("--format", default="free", choices=FORMATS, help="answer format (free: read from the words)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--k", type=int, default=8, help="rollouts per instance")

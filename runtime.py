@@ -260,6 +260,12 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def is_activation_checkpointing(model):
+    """Whether enable_activation_checkpointing is on (the property's name, by the same rename)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
 def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     """FSDP2 loading without a whole copy per GPU: every rank builds the model on the meta device (no memory) and
     shards it, then allocates only its own shard on `device`; rank 0 alone reads the checkpoint (into CPU memory)

@@ -37,7 +37,8 @@ def test_pixel_flags_change_image_tokens_and_grad_ckpt_runs():
     assert loop.image_tokens(b, ["color"]) == {"color": 9}
     runtime.configure(b, min_pixels=168 * 168, max_pixels=168 * 168)
     assert loop.image_tokens(b, ["color"]) == {"color": 36}   # 84 -> 168 pixels a side: 4x the tokens
-    assert getattr(b.model, "is_activation_checkpointing", None) or b.model.is_gradient_checkpointing
+    assert runtime.is_activation_checkpointing(b.model)
+    assert not runtime.is_activation_checkpointing(runtime.load_model(runtime.DEFAULT_MODEL, "cpu").model)
     b.model.train()
     items = builtin_items("color", "test", 2)
     logp, mask = runtime.token_logprobs(b, items, "plain", [[b.eos_id]] * 2, "cpu")
