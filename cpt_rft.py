@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
-from data.tasks import Stream
+from data.tasks import Stream, load_split
 from filter import REWARD_TOL, filter_items, zero_variance
 from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
 from loop import run_cpt
@@ -248,7 +248,7 @@ def _logp(lm, micro_batch, args, device):
 def general_probe(lm, specs, n, fmt, device):
     """A closure measuring the change of the mean log-likelihood of the general tasks' gold answers since its last
     call: P1's interference of an update with prior knowledge, made visible per step."""
-    items = [it for s in specs for it in runtime.eval_items(s, n, "val") if lm.is_vlm or not it["images"]]
+    items = [it for s in specs for it in load_split(s, "val", n) if lm.is_vlm or not it["images"]]
     targets = [runtime.target_ids(lm, it["answer"], fmt) for it in items]
     last = [None]
 
@@ -284,6 +284,22 @@ def learning_warnings(rows, truncated_warn=0.10):
     return out
 
 
+FEW_CORRECT = 0.20  # below this share of prompts with a correct sample, a stage's accuracy signal is thin
+
+
+def few_correct(rows, low=FEW_CORRECT):
+    """The stage-end warning when fewer than `low` of a stage's prompts had any correct sample (None otherwise):
+    only those groups can reinforce a right answer, so the stage can learn little even when it runs every step."""
+    if not rows:
+        return None
+    share = sum(r["prompts_with_correct"] for r in rows) / len(rows)
+    if share >= low:
+        return None
+    return (f"only {100 * share:.0f}% of the prompts had a correct sample: GRPO can reinforce a right answer in "
+            f"those groups alone, so this stage learns little of its task. What can help: SFT first, a larger "
+            f"--group, a longer --max_new_tokens, or --rif incompetent (train only on prompts with a correct rollout)")
+
+
 def stage_summary(rows):
     """One line per GRPO stage: how much of it could teach anything."""
     if not rows:
@@ -292,6 +308,22 @@ def stage_summary(rows):
     return (f"{len(rows)} steps; prompts with a correct sample {mean('prompts_with_correct'):.0f}%, groups ranked "
             f"only by the format term {mean('format_only_groups'):.0f}%, silent groups {mean('silent_groups'):.0f}%, "
             f"rollouts cut {mean('truncated'):.0f}%, steps skipped {sum(r['skipped_step'] for r in rows)}")
+
+
+def objective_errors(clip_low, clip_high, kl_coef, probe_general):
+    """The GRPO objective's flags in the range where they mean what their names say."""
+    errors = []
+    if not 0 <= clip_low < 1:
+        errors.append(f"--clip_low {clip_low}: must be in [0, 1); the ratio is clipped below at 1 - clip_low, and "
+                      f"a negative value makes that bound exceed 1 (positive advantages then give no gradient)")
+    if not (math.isfinite(clip_high) and clip_high >= 0):
+        errors.append(f"--clip_high {clip_high}: must be 0 or more; the ratio is clipped above at 1 + clip_high")
+    if not (math.isfinite(kl_coef) and kl_coef >= 0):
+        errors.append(f"--kl_coef {kl_coef}: must be 0 (off) or more; a negative weight would reward moving away "
+                      f"from the reference model")
+    if probe_general < 0:
+        errors.append(f"--probe_general {probe_general}: must be 0 (off) or more")
+    return errors
 
 
 def main(argv=None):
@@ -318,7 +350,8 @@ def main(argv=None):
     g.add_argument("--probe_general", type=int, default=0, help="general items per task for the per-step "
                                                                   "log-likelihood probe (0: off)")
     args = settle_defaults(p.parse_args(argv))
-    refuse(input_errors(args, positive=("gen_batch", "ppo_epochs", "rif_k"), at_least_two=("group",)))
+    refuse(input_errors(args, positive=("gen_batch", "ppo_epochs", "rif_k"), at_least_two=("group",)) +
+           objective_errors(args.clip_low, args.clip_high, args.kl_coef, args.probe_general))
 
     grpo = GRPOConfig.from_args(args)
 
@@ -344,6 +377,8 @@ def main(argv=None):
             for line in learning_warnings(rows):
                 tqdm.write(f"warning: grpo stage {stage}: {line}") if runtime.rank() == 0 else None
         runtime.print0(f"  grpo stage {stage}: {stage_summary(rows)}")
+        if few_correct(rows):
+            runtime.print0(f"warning: grpo stage {stage}: {few_correct(rows)}")
 
     def rif_stream(lm, stream, steps, stage, log, device):
         """RIF-RFT: roll out the stage's whole prompt pool K times, keep the instances that can teach; the same
@@ -369,4 +404,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_script(main)

@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_script(main)

@@ -28,10 +28,11 @@ import os
 import statistics
 
 import runtime
-from flags import NEW_TOKENS, HelpFormatter
+from flags import MAX_EVAL_ITEMS, NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
 from measure import eval_items, evaluate_task
 from data.rewards import FORMATS
-from data.tasks import DEFAULT_GENERAL, DEFAULT_SEQUENCE, task_name
+from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, task_name
+from runtime import is_vlm_config
 
 
 # ----------------------------------------------------------------------------- the metrics (pure)
@@ -138,8 +139,18 @@ def variance_diagnostic(log_rows):
 # ----------------------------------------------------------------------------- reading runs
 
 def load_run(path):
-    with open(os.path.join(path, "results.json")) as f:
-        res = json.load(f)
+    """A run folder's results.json (and log), or one line that names the file and why it cannot be read."""
+    res_path = os.path.join(path, "results.json")
+    try:
+        with open(res_path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {res_path} cannot be read ({e}); a run killed while writing it leaves the previous "
+                         f"version, so this file was cut or edited by hand: leave its run out") from None
+    if not (isinstance(res, dict) and isinstance(res.get("config"), dict) and
+            all(k in res for k in ("rows", "acc", "columns")) and "tasks" in res["config"]):
+        raise SystemExit(f"error: {res_path} is not the results file of a run of this project (it lacks 'config', "
+                         f"'rows', 'acc' or 'columns'): leave it out")
     res["path"] = path
     res["n_tasks"] = len(res["config"]["tasks"])
     res["stages"] = 1 if res["config"].get("multitask") else res["n_tasks"]
@@ -462,6 +473,13 @@ def report(paths, out, do_frontier=False):
     runs = [r for r in runs if r["complete"]]
     if not runs:
         raise SystemExit("no finished run to report")
+    by_columns = {}
+    for r in runs:
+        by_columns.setdefault(tuple(r["columns"]), []).append(r["path"])
+    if len(by_columns) > 1:  # one table has one set of columns: stage t of one run is not stage t of another
+        raise SystemExit("error: these runs were evaluated on different tasks, so their stages and columns do not "
+                         "line up; compare the runs of one task list at a time:\n  " + "\n  ".join(
+                             f"{' '.join(cols)}: {' '.join(paths)}" for cols, paths in by_columns.items()))
     groups = group_runs(runs)
     md = markdown(groups)
     print(md)
@@ -496,14 +514,35 @@ def report(paths, out, do_frontier=False):
     return groups
 
 
+def checkpoint_errors(args):
+    """evaluate.py MODEL's input, checked before the model loads (flags.py's checks, on this script's flags)."""
+    errors = [f"--{k} {getattr(args, k)}: must be at least 1" for k in ("eval_n", "eval_batch", "max_new_tokens")
+              if getattr(args, k) is not None and getattr(args, k) < 1]
+    if args.eval_n > MAX_EVAL_ITEMS:
+        errors.append(f"--eval_n {args.eval_n}: at most {MAX_EVAL_ITEMS} (every item is built in memory first)")
+    model_errs, cfg, _ = model_errors(args.paths[0])
+    errors += model_errs
+    if cfg is None:
+        return errors
+    errors += budget_errors(cfg, args.paths[0], max_new_tokens=args.max_new_tokens or NEW_TOKENS[args.format])
+    for spec in args.tasks:
+        try:
+            items = load_split(spec, "test", 1 if spec in BUILTIN else None)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        if not is_vlm_config(cfg) and any(it["images"] for it in items):
+            errors.append(f"task {spec} has images but {args.paths[0]} is a text-only model")
+    return errors
+
+
 def evaluate_checkpoint(args):
+    refuse(checkpoint_errors(args))
     _, _, device = runtime.init_dist()
     runtime.seed_all(0, "eval")
     lm = runtime.load_model(args.paths[0], device)
     for spec in args.tasks:
         items = eval_items(spec, args.eval_n)
-        if not lm.is_vlm and any(it["images"] for it in items):
-            raise SystemExit(f"task {spec} has images but {args.paths[0]} is a text-only model")
         budget = args.max_new_tokens or NEW_TOKENS[args.format]
         acc, rew, cut = evaluate_task(lm, items, args.format, device, budget, args.eval_batch, desc=spec)
         runtime.print0(f"{task_name(spec):14s} accuracy {100 * acc:5.1f}% of {len(items)} items   "
@@ -527,6 +566,7 @@ def main(argv=None):
     g.add_argument("--frontier", action="store_true", help="also plot retention against new-task gain")
     args = p.parse_args(argv)
     if all(os.path.exists(os.path.join(x, "results.json")) for x in args.paths):
+        refuse(out_errors(args.report, "--report"))
         return report(args.paths, args.report, args.frontier)
     if len(args.paths) == 1 and (os.path.exists(os.path.join(args.paths[0], "config.json"))
                                  or args.paths[0].endswith(".gguf")):
@@ -536,4 +576,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_script(main)

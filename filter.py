@@ -30,7 +30,7 @@ import time
 import torch
 
 import runtime
-from flags import NEW_TOKENS, HelpFormatter, refuse
+from flags import NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
 from data.rewards import FORMATS
 from data.tasks import BUILTIN, DataError, load_split, task_name
 
@@ -125,6 +125,34 @@ def data_nll(lm, table, fmt, device, max_new_tokens, batch_size=64):
     return out
 
 
+def filter_errors(args):
+    """Every problem with filter.py's input, found before the model loads: a run of K rollouts per instance is long,
+    and nothing of it may be lost to a flag that could have been read first."""
+    errors = [f"--{k} {getattr(args, k)}: must be at least 1" for k in ("n", "k", "max_new_tokens", "gen_batch")
+              if getattr(args, k) is not None and getattr(args, k) < 1]
+    if args.mode in ("zero_variance", "pass_rate") and args.k == 1:
+        errors.append(f"--k 1 with --mode {args.mode}: one rollout has no variance and a pass rate of 0 or 1, so "
+                      f"nothing would be kept; use --k 2 or more (P1: 8)")
+    if args.mode == "pass_rate" and not 0 <= args.low < args.high <= 1:
+        errors.append(f"--low {args.low} --high {args.high}: pass_rate keeps low < pass rate < high, so it needs "
+                      f"0 <= low < high <= 1")
+    if not (args.temperature > 0 and args.temperature < float("inf")):
+        errors.append(f"--temperature {args.temperature}: must be a positive number")
+    errors += out_errors(args.out)
+    model_errs, cfg, _ = model_errors(args.model)
+    errors += model_errs
+    if cfg is None:
+        return errors
+    errors += budget_errors(cfg, args.model, max_new_tokens=args.max_new_tokens)
+    try:
+        items = load_split(args.task, args.split, args.n)
+    except DataError as e:
+        return errors + [str(e)]
+    if not runtime.is_vlm_config(cfg) and any(it["images"] for it in items):
+        errors.append(f"task {args.task} has images but {args.model} is a text-only model")
+    return errors
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
@@ -151,15 +179,8 @@ def main(argv=None):
     args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[args.format]
     if args.n is None and args.task in BUILTIN:
         args.n = 256
-    errors = [f"--{k} {getattr(args, k)}: must be at least 1" for k in ("n", "k", "max_new_tokens", "gen_batch")
-              if getattr(args, k) is not None and getattr(args, k) < 1]
-    if not (args.temperature > 0 and args.temperature < float("inf")):
-        errors.append(f"--temperature {args.temperature}: must be a positive number")
-    try:
-        items = load_split(args.task, args.split, args.n)
-    except (DataError, KeyError) as e:
-        errors.append(str(e))
-    refuse(errors)
+    refuse(filter_errors(args))
+    items = load_split(args.task, args.split, args.n)
 
     _, _, device = runtime.init_dist()
     runtime.seed_all(args.seed, "filter")
@@ -215,4 +236,4 @@ def _jsonable(item, img_dir, tag, root):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_script(main)

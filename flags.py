@@ -8,10 +8,13 @@ here, once.
 import argparse
 import math
 import os
+import tempfile
 
-from data.rewards import FORMATS
-from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, task_name
-from runtime import DEFAULT_MODEL, is_vlm_config, messages, model_config, planned_world, split_model_path, text_config
+from data.rewards import FORMATS, answer_text
+from data.tasks import (BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, distinct_items, load_split,
+                        task_name)
+from runtime import (DEFAULT_MODEL, is_vlm_config, messages, model_config, planned_world, set_pixel_bounds,
+                     split_model_path, text_config)
 
 
 # completion budgets by answer format, in tokens: a bare answer is short; a chat model's sentence is not (chosen by
@@ -76,31 +79,16 @@ def eval_counts(args):
     return {**{t: args.eval_n for t in args.tasks}, **{g: args.general_n or args.eval_n for g in args.general}}
 
 
+MAX_EVAL_ITEMS = 20_000  # per task: every evaluation item (and its image) is built in memory before the base row
+
+
 def input_errors(args, positive=(), at_least_two=()):
-    """Every problem with the flags and the task files, as messages, found before a model is loaded or anything is
-    written: numbers out of range, a task named twice, a task file with a bad line (file:line) or too few lines to
-    hold out items, an image task for a text-only model. `positive` / `at_least_two`: the script's own flags."""
-    errors = []
-    if args.kl_n < 0:
-        errors.append(f"--kl_n {args.kl_n}: must be 0 (off) or more")
-    if args.general_n is not None and args.general_n < 1:
-        errors.append(f"--general_n {args.general_n}: must be at least 1")
-    for name in ("steps", "batch_size", "micro_batch", "eval_n", "eval_batch", "kl_samples") + tuple(positive):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
-    for name in at_least_two:
-        if getattr(args, name) < 2:
-            errors.append(f"--{name} {getattr(args, name)}: must be at least 2 (a group of one has no baseline to "
-                          f"compare with, so its advantage is 0/0)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        errors.append(f"--lr {args.lr}: must be a positive number")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        errors.append(f"--temperature {args.temperature}: must be a positive number (the samples are drawn from "
-                      f"softmax(logits / temperature); 0 would divide by zero)")
-    for name in ("max_new_tokens", "eval_max_new_tokens"):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
-    errors += out_errors(args.out)
+    """Every problem with the flags, the model and the task files, as messages, found before a model's weights are
+    loaded or anything is written: numbers out of range (with why), a task named twice, a task file with a bad
+    line (file:line) or too few lines to hold out items, an image task for a text-only model, a prompt or answer
+    that does not fit the model's context. `positive` / `at_least_two`: the script's own flags. Prints the notes
+    that are not errors (fewer evaluation items than asked, training items that are also test items)."""
+    errors = number_errors(args, positive, at_least_two) + out_errors(args.out)
     w = planned_world()
     if args.batch_size >= 1 and args.batch_size % w:
         errors.append(f"--batch_size {args.batch_size}: must be divisible by the number of processes ({w}); "
@@ -110,11 +98,15 @@ def input_errors(args, positive=(), at_least_two=()):
     if twice:
         errors.append(f"task(s) {', '.join(twice)} given more than once in --tasks / --general: each column is one "
                       f"task, and a general task must not be trained on")
-    try:
-        cfg = model_config(args.model)
-    except (OSError, ValueError) as e:
-        return errors + [str(e)]
+    model_errs, cfg, tok = model_errors(args.model)
+    errors += model_errs
+    if cfg is None:
+        return errors
     vlm = is_vlm_config(cfg)
+    budget = max(args.max_new_tokens, args.eval_max_new_tokens)
+    budget_errs = budget_errors(cfg, args.model, max_new_tokens=args.max_new_tokens,
+                                eval_max_new_tokens=args.eval_max_new_tokens)
+    errors += budget_errs
     with_images, file_items = set(), []
     for spec in list(args.tasks) + list(args.general):
         try:
@@ -128,13 +120,15 @@ def input_errors(args, positive=(), at_least_two=()):
                 break
             with_images |= {(spec, bool(it["images"])) for it in items}
             file_items += items if spec not in BUILTIN else []
-        if spec not in BUILTIN and ":" in spec:
-            test = {it["problem"] for it in splits["test"]}
-            if all(it["problem"] in test for it in splits["train"]):
-                print(f"warning: every training item of {spec.split(':')[0]} is also in its test file "
-                      f"{spec.split(':')[1]}: its test accuracy measures memory, not learning", flush=True)
-    if file_items:
-        errors += too_long(args.model, cfg, file_items, args.format, max(args.max_new_tokens, args.eval_max_new_tokens))
+        asked = eval_counts(args)[spec]
+        held = distinct_items(spec, args.eval_split) if spec in BUILTIN else len(splits[args.eval_split])
+        if held is not None and asked > held:
+            print(f"note: {task_name(spec)}'s {args.eval_split} split holds {held} distinct item(s); evaluating "
+                  f"those {held}, not {asked}", flush=True)
+        if spec in args.tasks and spec not in BUILTIN:
+            overlap_note(spec, splits)
+    if file_items and not budget_errs and tok is not None:
+        errors += too_long(args.model, cfg, tok, file_items, args.format, budget, args.min_pixels, args.max_pixels)
     # under FSDP every rank runs the same units: a rank training on text while another trains on images would run
     # the vision tower alone and hang; a training stage must be all-image or all-text (evaluation goes task by task)
     stages = [list(args.tasks)] if args.multitask else [[t] for t in args.tasks]
@@ -145,39 +139,144 @@ def input_errors(args, positive=(), at_least_two=()):
     return errors
 
 
-def out_errors(out):
-    """--out must be a folder this process can create and write to (checked without creating anything)."""
+def number_errors(args, positive=(), at_least_two=()):
+    """Every numeric flag in its meaningful range, each with a one-line reason."""
+    errors = []
+    if args.kl_n < 0:
+        errors.append(f"--kl_n {args.kl_n}: must be 0 (off) or more")
+    if args.general_n is not None and args.general_n < 1:
+        errors.append(f"--general_n {args.general_n}: must be at least 1")
+    for name in ("steps", "batch_size", "micro_batch", "eval_n", "eval_batch", "kl_samples") + tuple(positive):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
+    for name in ("eval_n", "general_n"):
+        if (getattr(args, name) or 0) > MAX_EVAL_ITEMS:
+            errors.append(f"--{name} {getattr(args, name)}: at most {MAX_EVAL_ITEMS} (every item is built in memory "
+                          f"before the first evaluation)")
+    for name in at_least_two:
+        if getattr(args, name) < 2:
+            errors.append(f"--{name} {getattr(args, name)}: must be at least 2 (a group of one has no baseline to "
+                          f"compare with, so its advantage is 0/0)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        errors.append(f"--lr {args.lr}: must be a positive number")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        errors.append(f"--temperature {args.temperature}: must be a positive number (the samples are drawn from "
+                      f"softmax(logits / temperature); 0 would divide by zero)")
+    if not args.grad_clip > 0:  # inf is allowed: no clipping
+        errors.append(f"--grad_clip {args.grad_clip}: must be positive (inf: no clip); the gradient is scaled by "
+                      f"grad_clip / norm, so a negative value turns every step uphill and 0 erases it")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        errors.append(f"--weight_decay {args.weight_decay}: must be 0 or more; AdamW multiplies the weights by "
+                      f"1 - lr x weight_decay, so a negative value inflates them every step")
+    if args.seed < 0:
+        errors.append(f"--seed {args.seed}: must be 0 or more")
+    for name in ("max_new_tokens", "eval_max_new_tokens"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name} {getattr(args, name)}: must be at least 1")
+    errors += pixel_errors(args.min_pixels, args.max_pixels)
+    return errors
+
+
+PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: a 14-pixel patch, 2 x 2 patches merged into one image token
+
+
+def pixel_errors(min_pixels, max_pixels):
+    errors = [f"--{name} {v}: must be at least {PIXELS_PER_TOKEN} (one image token covers 28 x 28 pixels)"
+              for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+              if v is not None and v < PIXELS_PER_TOKEN]
+    if not errors and min_pixels and max_pixels and min_pixels > max_pixels:
+        errors.append(f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    return errors
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def model_errors(model):
+    """([problems], config, tokenizer) of --model, read without its weights: a folder or .gguf that cannot be read,
+    a tokenizer that is missing or has no chat template. Each problem names the path and what to do; config and
+    tokenizer are None where they cannot be used."""
+    from transformers import AutoTokenizer
+    try:
+        cfg = model_config(model)
+    except OSError as e:
+        return [str(e)], None, None
+    except Exception as e:  # a truncated .gguf raises struct / value errors from inside the reader
+        return [f"--model {model}: its config cannot be read ({type(e).__name__}: {str(e)[:200]}); a truncated or "
+                f"corrupt file is the usual cause: copy it again"], None, None
+    folder, gguf = split_model_path(model)
+    if not gguf and not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        return [f"--model {model}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy them from the checkpoint "
+                f"this folder came from"], cfg, None
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except Exception as e:
+        return [f"--model {model}: no tokenizer can be read from it ({type(e).__name__}); a checkpoint folder needs "
+                f"its tokenizer files (tokenizer.json, tokenizer_config.json) beside config.json"], cfg, None
+    if tok.chat_template is None:
+        return [f"--model {model}: the tokenizer has no chat template; use a chat/instruct checkpoint (or add "
+                f"chat_template.jinja to the folder)"], cfg, None
+    return [], cfg, tok
+
+
+def budget_errors(cfg, model, **budgets):
+    """A completion budget must leave room for a prompt in the model's context window."""
+    context = text_config(cfg).get("max_position_embeddings")
+    return [f"--{name} {v}: {model} reads at most {context} tokens, prompt and reply together; give a budget well "
+            f"below that" for name, v in budgets.items() if context and v is not None and v >= context]
+
+
+def overlap_note(spec, splits):
+    """Training items that are also test items (the same problem over the same images): their test accuracy
+    measures memory, not learning. Said, not refused: a user may mean it."""
+    key = lambda it: (it["problem"], tuple(map(os.path.abspath, it["images"])))  # noqa: E731
+    train = {key(it) for it in splits["train"]}
+    both = sum(key(it) in train for it in splits["test"])
+    if both:
+        print(f"warning: {both} of the {len(splits['test'])} test items of {task_name(spec)} are also training items "
+              f"({spec}): their test accuracy measures memory, not learning", flush=True)
+
+
+def out_errors(out, flag="--out"):
+    """A folder this process can create and write to: checked by making (and removing) a temporary folder in the
+    nearest existing parent, since os.access says yes where the file system says no (/sys, a read-only mount)."""
     if out is None:
         return []
     if os.path.exists(out) and not os.path.isdir(out):
-        return [f"--out {out}: is a file, not a folder; name a folder (it is created if needed)"]
+        return [f"{flag} {out}: is a file, not a folder; name a folder (it is created if needed)"]
     parent = out
     while not os.path.exists(parent):
         parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        return [f"--out {out}: {parent} cannot be written to by this user; name a folder you can write"]
+    if not os.path.isdir(parent):
+        return [f"{flag} {out}: {parent} is a file, not a folder; name a folder (it is created if needed)"]
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".write-check-"))
+    except OSError as e:
+        return [f"{flag} {out}: {parent} cannot be written to ({e.strerror}); name a folder you can write"]
     return []
 
 
-def too_long(model, cfg, items, fmt, new_tokens, limit=20):
-    """Prompts that do not leave room for the completion budget in the model's context window
-    (max_position_embeddings), with file:line and their token counts. Counted with the model's own tokenizer and
-    chat template before any weights are loaded: one long line would otherwise fill the memory at the first
-    forward."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+def too_long(model, cfg, tok, items, fmt, new_tokens, min_pixels=None, max_pixels=None, limit=20):
+    """Items that do not fit the model's context window (max_position_embeddings), with file:line and their token
+    counts: the prompt (its image tokens counted with the run's pixel bounds) plus the longer of the completion
+    budget and the answer SFT teaches. Counted with the model's own tokenizer and chat template before any
+    weights are loaded: one long line would otherwise fill the memory at its first forward."""
+    from transformers import AutoImageProcessor
     context = text_config(cfg).get("max_position_embeddings")
     if not context:
         return []
-    folder, gguf = split_model_path(model)
-    tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-    improc = AutoImageProcessor.from_pretrained(folder) if is_vlm_config(cfg) else None
-    room = context - new_tokens
+    improc = AutoImageProcessor.from_pretrained(split_model_path(model)[0]) if is_vlm_config(cfg) else None
+    if improc is not None:
+        set_pixel_bounds(improc, min_pixels, max_pixels)
     errors = []
     for it in items:
-        n = _prompt_tokens(tok, improc, it, fmt)
-        if n > room:
-            errors.append(f"{it.get('where', '?')}: the prompt is {n} tokens; {model} reads at most {context}, and "
-                          f"{new_tokens} are kept for the reply: shorten the problem (or its images)")
+        prompt = _prompt_tokens(tok, improc, it, fmt)
+        answer = len(tok(answer_text(it["answer"], fmt), add_special_tokens=False)["input_ids"]) + 1
+        if prompt + max(new_tokens, answer) > context:
+            longer = f"answer is {answer}" if answer > new_tokens else f"reply budget is {new_tokens}"
+            errors.append(f"{it.get('where', '?')}: the prompt is {prompt} tokens"
+                          f"{' with its images' if it['images'] else ''} and the {longer}; {model} reads at most "
+                          f"{context}: shorten the {'answer' if answer > new_tokens else 'problem (or its images: --max_pixels)'}")
             if len(errors) == limit:
                 errors.append("... (more lines too long)")
                 break
@@ -197,6 +296,6 @@ def _prompt_tokens(tok, improc, item, fmt):
 
 
 def refuse(errors):
-    """Stop before any work with every problem listed (exit status 2, as argparse's own errors)."""
+    """Stop before any work with every problem listed (exit status 1)."""
     if errors:
         raise SystemExit("error: cannot start:\n  " + "\n  ".join(errors))

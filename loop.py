@@ -22,7 +22,7 @@ from flags import eval_counts, refuse
 from measure import eval_items, evaluate_all, general_loglik, kl_to_base, sample_base
 from runtime import (ROOT, Diverged, Log, all_sum, cleanup, configure, encode, init_dist, is_dist, load_model,
                      model_config, peak_memory, print0, rank, reshard, save_checkpoint, seed_all, split_model_path,
-                     text_config, world, write_json)
+                     text_config, world, write_json, WriteFailed)
 
 # the base row of a comparison is computed once and shared by its runs; keyed by everything that changes it
 CACHE_DIR = os.environ.get("CPT_CACHE", os.path.join(ROOT, "runs", ".cache"))
@@ -47,15 +47,19 @@ def run_cpt(args, script, train_stage):
     res["config"]["world"] = world_
     res["items"] = [len(eval_items(s, eval_counts(args)[s], args.eval_split)) for s in specs]  # per column
     lock = RunLock(out) if rank_ == 0 else None  # one run per --out: a second process is refused here
+    done = max(len(res["rows"]) - 1, 0)
+    at = "before the base row"  # where an interrupt or a write failure finds the run
     try:
-        done = max(len(res["rows"]) - 1, 0)
         start = os.path.join(out, f"stage-{done}") if done else args.model
         print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns[:len(args.tasks)])}; general tasks "
                f"{', '.join(columns[len(args.tasks):]) or '-'}; world size {world_}; device {device}; "
                f"{'resuming after stage ' + str(done) + ' from ' + start if done else 'starting from ' + args.model}")
+        cannot_resume = f"The run cannot resume from it: delete {out} (or use another --out) to start again"
         if done:
-            refuse(architecture_errors(start, args.model))
-        lm = load_model(start, device, grad_ckpt=args.grad_ckpt)
+            refuse(architecture_errors(start, args.model, cannot_resume))
+        lm = load_model(start, device, grad_ckpt=args.grad_ckpt,
+                        what=f"the checkpoint of stage {done}, {start}" if done else None,
+                        advice=cannot_resume if done else None)
         configure(lm, args.min_pixels, args.max_pixels)
         if lm.is_vlm:
             print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(lm, specs).items()))
@@ -66,9 +70,19 @@ def run_cpt(args, script, train_stage):
         log = open_log(os.path.join(out, "log.jsonl"), done)
         for k, (name, stage_specs) in enumerate(stages, 1):
             if k > done:
+                at = f"in stage {k} ({name})"
                 run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_items, samples, out,
                           device)
+                done = k
         print0(f"results: {res_path}")
+    except (KeyboardInterrupt, WriteFailed) as e:
+        kept = (f"{res_path} keeps the base row and {done} finished stage(s)" if os.path.exists(res_path)
+                else "nothing was kept")
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped: {e}"
+        fix = "" if isinstance(e, KeyboardInterrupt) else "free space on its disk (or fix the folder), then "
+        raise SystemExit(f"\n{what} {at}; {kept}. To go on, {fix}run the same command again: it resumes after "
+                         f"{'stage ' + str(done) if done else 'the base row' if os.path.exists(res_path) else 'nothing'}"
+                         ) from None
     finally:
         if lock is not None:
             lock.release()
@@ -94,8 +108,11 @@ def read_or_start_results(res_path, columns, config):
     try:
         with open(res_path) as f:
             old = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {res_path} cannot be read ({e}); delete it (or the folder) to start again") from None
+    if not (isinstance(old, dict) and isinstance(old.get("config"), dict) and isinstance(old.get("rows"), list)):
+        raise SystemExit(f"error: {res_path} is not the results file of a run of this project (no 'config' or "
+                         f"'rows'); use another --out, or move the file away")
     differ = sorted(k for k in set(old["config"]) | set(config) if k != "world" and
                     old["config"].get(k) != config.get(k))
     if differ:
@@ -106,8 +123,9 @@ def read_or_start_results(res_path, columns, config):
 
 
 class RunLock:
-    """OUT/.lock holds the pid of the run writing to OUT. A second live run on the same --out is refused; the lock
-    of a process that no longer exists (killed) is taken over."""
+    """OUT/.lock names the run writing to OUT: its pid and that process's start time. A second live run on the same
+    --out is refused; a lock whose process is gone, or whose pid now belongs to another process (pids are reused,
+    and a container's pid 1 is always alive), is stale and taken over."""
 
     def __init__(self, out):
         os.makedirs(out, exist_ok=True)
@@ -118,18 +136,20 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = _lock_owner(self.path)
-                if owner is not None and owner != os.getpid() and _alive(owner):
-                    raise SystemExit(f"error: another run (pid {owner}) is writing to {out}; wait for it to finish, "
-                                     f"or use another --out") from None
+                if owner is not None and owner[0] != os.getpid() and _running(*owner):
+                    raise SystemExit(f"error: another run (pid {owner[0]}) is writing to {out} (its lock: {self.path});"
+                                     f" wait for it to finish, or use another --out. If no run uses {out}, delete "
+                                     f"{self.path}") from None
                 os.remove(self.path)  # a stale lock: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}")
             return
         raise SystemExit(f"error: cannot take the lock {self.path}; delete it if no run is using {out}")
 
     def release(self):
-        if os.path.exists(self.path) and _lock_owner(self.path) == os.getpid():
+        owner = _lock_owner(self.path) if os.path.exists(self.path) else None
+        if owner is not None and owner[0] == os.getpid():
             os.remove(self.path)
         out = os.path.dirname(self.path)
         if self.made_folder and os.path.isdir(out) and not os.listdir(out):
@@ -137,33 +157,60 @@ class RunLock:
 
 
 def _lock_owner(path):
+    """(pid, start time or None) written in a lock file; None when it holds no pid."""
     try:
         with open(path) as f:
-            return int(f.read().strip() or 0) or None
-    except (OSError, ValueError):
+            fields = f.read().split()
+        return int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "None" else None)
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def _alive(pid):
+def _start_time(pid):
+    """When process pid started, in clock ticks since boot (/proc/PID/stat, field 22); None where there is no
+    /proc. A pid and its start time name one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid, started):
+    """Whether the process that wrote a lock still runs: the pid is alive and, where both are known, started when
+    the lock says (otherwise the pid was reused by another process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    now = _start_time(pid)
+    if started is not None and now is not None:
+        return started == now
+    if now is not None and started is None:  # a lock without a start time: only a Python process can be our run
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"python" in f.read()
+        except OSError:
+            return True
     return True
 
 
-def architecture_errors(checkpoint, model):
-    """A stage checkpoint a run resumes from must be the same kind of model as --model (the matrix would otherwise
-    mix two models)."""
-    a, b = model_config(checkpoint), model_config(model)
+def architecture_errors(checkpoint, model, advice):
+    """A stage checkpoint a run resumes from must be readable and the same kind of model as --model (the matrix
+    would otherwise mix two models)."""
+    try:
+        a = model_config(checkpoint)
+    except Exception as e:  # a missing or corrupt config.json
+        return [f"the checkpoint {checkpoint} cannot be read ({type(e).__name__}: {str(e)[:200]}). {advice}"]
+    b = model_config(model)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     differ = [k for k in keys if text_config(a).get(k) != text_config(b).get(k)]
     if differ:
         return [f"{checkpoint} is not a checkpoint of --model {model} (" + ", ".join(
             f"{k}: {text_config(a).get(k)} there, {text_config(b).get(k)} in --model" for k in differ) +
-            "); use another --out, or delete the folder to start again"]
+            f"). {advice}"]
     return []
 
 

@@ -78,6 +78,15 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def run_script(main):
+    """A script's entry point: Ctrl-C ends it with one line, not a traceback (a training run says where it stopped
+    and how to resume; elsewhere nothing is written before the work is done)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted; nothing was written") from None
+
+
 def cleanup():
     if is_dist():
         dist.barrier()  # no rank tears down while another is still in a collective (gloo aborts at exit otherwise)
@@ -118,12 +127,26 @@ def seed_all(*parts):
 
 # ----------------------------------------------------------------------------- 2. results on disk
 
+class WriteFailed(Exception):
+    """A result could not be written (a full disk, a folder that refuses writes); the old file, if any, is intact."""
+
+    def __init__(self, path, error):
+        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+        super().__init__(f"{path} could not be written ({reason})")
+        self.path = path
+
+
 def write_json(path, obj):
     """Atomic strict-JSON write: a reader sees the old file or the new one, never a half-written one or a NaN."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteFailed(path, e) from None
 
 
 class Log:
@@ -199,10 +222,12 @@ def is_vlm_config(cfg):
     return getattr(cfg, "vision_config", None) is not None
 
 
-def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
+def load_model(path, device, dtype=torch.float32, grad_ckpt=False, what=None, advice=None):
     """Load any HF checkpoint folder or .gguf file (dequantised). A config with a vision tower is a VLM (tokenizer
     + image processor); anything else is a text-only causal LM. Under torchrun the model comes back FSDP2-sharded,
-    and only rank 0 ever reads (or holds) the whole of it (`_load_sharded`). grad_ckpt: activation checkpointing."""
+    and only rank 0 ever reads (or holds) the whole of it (`_load_sharded`). grad_ckpt: activation checkpointing.
+    `what` / `advice`: how an unreadable checkpoint is named and what the user can do (default: --model, copy it
+    again)."""
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     cfg = model_config(path)
     folder, gguf = split_model_path(path)
@@ -216,9 +241,9 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     improc = AutoImageProcessor.from_pretrained(folder) if is_vlm_config(cfg) else None
     cls = AutoModelForImageTextToText if is_vlm_config(cfg) else AutoModelForCausalLM
     if is_dist():
-        model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt)
+        model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, what, advice)
     else:
-        model = _plain(_from_pretrained(cls, path, folder, dtype, kw)).to(device)
+        model = _plain(_from_pretrained(cls, path, folder, dtype, kw, what, advice)).to(device)
         if grad_ckpt:
             enable_activation_checkpointing(model)
     lm = Bundle(model, tok, improc)
@@ -226,7 +251,7 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     return lm
 
 
-def _from_pretrained(cls, path, folder, dtype, kw):
+def _from_pretrained(cls, path, folder, dtype, kw, what=None, advice=None):
     """cls.from_pretrained, with an unreadable weights file named (a truncated download, a disk error) instead of a
     library traceback that names none."""
     try:
@@ -236,9 +261,9 @@ def _from_pretrained(cls, path, folder, dtype, kw):
                    if f.endswith((".safetensors", ".bin", ".gguf", ".pt"))]
         if kw.get("gguf_file"):
             weights = [kw["gguf_file"]]
-        raise SystemExit(f"error: --model {path}: its weights cannot be read ({type(e).__name__}: "
+        raise SystemExit(f"error: {what or '--model ' + path}: its weights cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); files: {', '.join(weights) or 'none'}. "
-                         f"A truncated or corrupt file is the usual cause: copy it again") from None
+                         f"{advice or 'A truncated or corrupt file is the usual cause: copy it again'}") from None
 
 
 def _plain(model):
@@ -266,13 +291,13 @@ def is_activation_checkpointing(model):
     return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
-def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
+def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, what=None, advice=None):
     """FSDP2 loading without a whole copy per GPU: every rank builds the model on the meta device (no memory) and
     shards it, then allocates only its own shard on `device`; rank 0 alone reads the checkpoint (into CPU memory)
     and sends each rank its part. Buffers that are not in the state dict (rotary frequencies) are sent as they
     are."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    full = _plain(_from_pretrained(cls, folder, folder, dtype, kw)) if rank() == 0 else None
+    full = _plain(_from_pretrained(cls, folder, folder, dtype, kw, what, advice)) if rank() == 0 else None
     with torch.device("meta"):
         model = cls.from_config(cfg, dtype=dtype)
     if grad_ckpt:
@@ -295,11 +320,17 @@ def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
 
 def configure(lm, min_pixels=None, max_pixels=None):
     """The image processor's pixel bounds (image tokens grow with pixels / 784)."""
-    if lm.improc is not None and (min_pixels or max_pixels):
-        size = dict(lm.improc.size)
+    if lm.improc is not None:
+        set_pixel_bounds(lm.improc, min_pixels, max_pixels)
+
+
+def set_pixel_bounds(improc, min_pixels=None, max_pixels=None):
+    """An image processor's min / max pixels (None: keep its own); the input checks count image tokens with it."""
+    if min_pixels or max_pixels:
+        size = dict(improc.size)
         size["shortest_edge"] = min_pixels or size["shortest_edge"]
         size["longest_edge"] = max_pixels or size["longest_edge"]
-        lm.improc.size = type(lm.improc.size)(**size) if not isinstance(lm.improc.size, dict) else size
+        improc.size = type(improc.size)(**size) if not isinstance(improc.size, dict) else size
 
 
 # ----------------------------------------------------------------------------- 4. prompt encoding
@@ -664,14 +695,19 @@ def full_state_dict(model):
 def save_checkpoint(lm, path):
     """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written),
     with the checkpoint's own generation_config (which `sample` never reads)."""
+    from safetensors import SafetensorError
     sd = full_state_dict(lm.model)
     if rank() == 0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.model.save_pretrained(tmp, state_dict=sd)
-        lm.tok.save_pretrained(tmp)
-        if lm.improc is not None:
-            lm.improc.save_pretrained(tmp)
+        try:
+            lm.model.save_pretrained(tmp, state_dict=sd)
+            lm.tok.save_pretrained(tmp)
+            if lm.improc is not None:
+                lm.improc.save_pretrained(tmp)
+        except (OSError, SafetensorError) as e:  # a full disk: the half-written folder goes, to free its space
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteFailed(path, e) from None
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     if is_dist():

@@ -32,7 +32,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from data.rewards import KINDS, guess_kind
+from data.rewards import KINDS, guess_kind, verify
 
 SIZE = 84
 COLORS = {"red": (215, 45, 40), "green": (40, 165, 70), "blue": (45, 85, 215), "yellow": (225, 195, 35),
@@ -308,9 +308,16 @@ DEFAULT_SEQUENCE = ["any_color", "circle_cell", "left_color", "jigsaw"]
 DEFAULT_GENERAL = list(GENERAL)
 
 
+def distinct_items(spec, split):
+    """How many distinct items a built-in task's split holds (None: as many as asked, drawn at random)."""
+    return len(CAPITAL_SPLITS[split]) if spec == "capital" else None
+
+
 def builtin_items(name, split, n, start=0, weak=False):
     """Items start..start+n-1 of a built-in task's split; each item is seeded by (task, split, index)."""
     gen = BUILTIN[name]
+    if name in ENUMERATED and split != "train":  # evaluating: each distinct item once, never repeated (training
+        n = max(0, min(n, distinct_items(name, split) - start))  # streams cycle)
     out = []
     for i in range(start, start + n):
         rng = random.Random(f"{name}/{SPLIT_OFFSET[split] + i}")
@@ -343,9 +350,11 @@ def load_jsonl(path):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:  # NaN / Infinity: Python's json reads them, strict JSON has no such value
+                raise DataError(f"{where}: {e}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for key in ("problem", "answer"):
@@ -382,6 +391,10 @@ def load_jsonl(path):
                 if item["answer"] not in valid:
                     raise DataError(f"{where}: the answer {item['answer']!r} is not one of its 'valid' answers")
                 item["valid"] = valid
+            never = [a for a in item.get("valid", [item["answer"]]) if not verify(a, a, kind)[0]]
+            if never:
+                raise DataError(f"{where}: the answer {never[0]!r} can never be scored right by the {kind!r} "
+                                f"verifier (not even when the reply is the answer itself): fix the answer or 'kind'")
             items.append(item)
     if not items:
         raise DataError(f"{path}: no data lines")
@@ -389,6 +402,11 @@ def load_jsonl(path):
     for it in items:  # the answers this data set has: what a free-text reply must not hedge between
         it["candidates"] = exact if it["kind"] == "exact" else []
     return items
+
+
+def _no_constant(name):
+    raise ValueError(f"the literal {name} is no answer (strict JSON has no NaN or Infinity): write the answer as "
+                     f"text, or drop the line")
 
 
 def open_image(img, where="?"):

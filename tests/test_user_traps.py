@@ -154,7 +154,7 @@ def test_the_long_prompt_check_reads_no_weights(tmp_path, monkeypatch):
     rows = [{"problem": "Add these up: " + " ".join(["7"] * 10_000), "answer": "1"}] * 12
     f = _jsonl(tmp_path / "long.jsonl", rows)
     msg = refused(cpt_sft.main, "--tasks", f, "--general", "color", tmp_path=tmp_path)
-    assert f"{f}:1: the prompt is" in msg and "tokens; " in msg
+    assert f"{f}:1: the prompt is" in msg and "tokens and the reply budget is 64" in msg
 
 
 def test_out_that_is_a_file_or_under_a_file_is_refused(tmp_path):
@@ -172,7 +172,8 @@ def test_a_train_file_inside_its_test_file_is_warned(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cpt_sft.main(["--tasks", f"{train}:{test}", "--general", "color", "--steps", "0", "--out",
                       str(tmp_path / "o")])
-    assert f"every training item of {train} is also in its test file" in capsys.readouterr().out
+    # line 10 of the train file is validation, the other 11 train: 11 of the 12 test items were trained on
+    assert "11 of the 12 test items of a are also training items" in capsys.readouterr().out
 
 
 def test_a_corrupt_or_edited_cache_file_is_named_and_recomputed(tmp_path, monkeypatch, capsys):
@@ -218,7 +219,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp
         live.kill()
         live.wait()
     lock = loop.RunLock(out)                                         # its owner is gone: taken over
-    assert open(os.path.join(out, ".lock")).read() == str(os.getpid())
+    assert open(os.path.join(out, ".lock")).read().split()[0] == str(os.getpid())
     lock.release()
     assert not os.path.exists(os.path.join(out, ".lock"))
 
@@ -230,9 +231,9 @@ def test_resume_refuses_a_stage_checkpoint_of_another_architecture(tmp_path):
     cfg.setdefault("text_config", {})["vocab_size"] = 1234
     cfg["vocab_size"] = 1234
     json.dump(cfg, open(other / "config.json", "w"))
-    (msg,) = loop.architecture_errors(str(other), runtime.DEFAULT_MODEL)
-    assert "vocab_size: 1234 there" in msg
-    assert loop.architecture_errors(runtime.DEFAULT_MODEL, runtime.DEFAULT_MODEL) == []
+    (msg,) = loop.architecture_errors(str(other), runtime.DEFAULT_MODEL, "start again")
+    assert "vocab_size: 1234 there" in msg and msg.endswith("start again")
+    assert loop.architecture_errors(runtime.DEFAULT_MODEL, runtime.DEFAULT_MODEL, "") == []
 
 
 # ----------------------------------------------------------------------------- 7. quotes and emphasis
