@@ -65,9 +65,24 @@ def trl_trainer(lm, items, fmt, a, out, between):
                     bf16=False, report_to=[], save_strategy="no", logging_steps=10 ** 6, disable_dropout=True,
                     dataloader_num_workers=0, shuffle_dataset=False, remove_unused_columns=False,
                     gradient_checkpointing=False)  # TRL turns it on by default: not the same work
-    trainer = GRPOTrainer(model=lm.model, reward_funcs=[reward], args=cfg, processing_class=lm.tok,
+    trainer = GRPOTrainer(model=lm.model, reward_funcs=[reward], args=cfg, processing_class=processor(lm),
                           train_dataset=Dataset.from_list(rows * 1000), callbacks=[clock])
     return trainer, clock
+
+
+def processor(lm):
+    """What TRL's GRPOTrainer reads prompts with: the tokenizer of a text model; for a Qwen2.5-VL one, its processor
+    built from our tokenizer and image processor with no video processor, which needs torchvision (no CPU wheel of
+    it matches a CPU torch on this registry) and is never used here."""
+    if not lm.is_vlm:
+        return lm.tok
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImagesOnly(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(name, arg)
+    return ImagesOnly(image_processor=lm.improc, tokenizer=lm.tok, video_processor=None,
+                      chat_template=lm.tok.chat_template)
 
 
 def main(argv=None):
