@@ -21,7 +21,7 @@ rewards are all equal, under remax one whose rewards all equal the greedy baseli
 wrong greedy answer does teach). Without the KL term such groups are not even run through the model (they would
 add exactly zero) but still count in the normaliser; --skip_zero_var drops them from the normaliser too, and a step
 whose every group is silent takes no optimizer step at all (AdamW's momentum and weight decay would still move the
-weights). --rif MODE drops zero-variance instances before the stage (filter.filter_items, as filter.py does).
+weights). --rif MODE drops zero-variance instances before the stage (rollouts.filter_items, as filter.py does).
 A non-finite reward, loss, gradient norm or logit stops the run before the optimizer steps on it.
 After each stage the model is evaluated on every task and on the held-out general tasks (loop.run_cpt).
 
@@ -43,9 +43,9 @@ from tqdm import tqdm
 
 import runtime
 from data.tasks import Stream, load_split
-from filter import REWARD_TOL, filter_items, zero_variance
+from rollouts import REWARD_TOL, filter_items, rollout, score_item, zero_variance
 from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
-from loop import run_cpt
+from loop import Run
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
 STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
@@ -53,8 +53,8 @@ STD_CORRECTION = 1     # unbiased group std, as TRL, verl and EasyR1
 
 @dataclass
 class GRPOConfig:
-    """The settings one GRPO step reads, and their defaults: the one place they are written (the CLI flags of the
-    same names take their defaults from here)."""
+    """The settings one GRPO step reads. The CLI flags of the same names take their defaults from here, except the
+    ones both training scripts share (flags.py: --format, --temperature, --max_new_tokens, --grad_clip)."""
     format: str = "plain"
     group: int = 8
     temperature: float = 1.0
@@ -140,58 +140,67 @@ def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
 
 # ----------------------------------------------------------------------------- one GRPO step
 
-def grpo_step(lm, ref, opt, items, args, device, probe=None):
-    """Rollout, advantages and the update on this rank's prompts (args: a GRPOConfig); returns the step's metrics."""
+def grpo_step(lm, ref, opt, items, cfg, device, probe=None):
+    """Rollout, advantages and the update on this rank's prompts (cfg: a GRPOConfig); returns the step's metrics."""
     t0 = time.time()
-    table = runtime.rollout(lm, items, args.format, args.group, args.temperature, args.max_new_tokens, device,
-                           args.gen_batch)
+    table = rollout(lm, items, cfg.format, cfg.group, cfg.temperature, cfg.max_new_tokens, device,
+                    cfg.gen_batch)
     rewards = torch.tensor([row["rewards"] for row in table], dtype=torch.float32)
     baseline = None
-    if args.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
-        greedy, _ = runtime.sample(lm, items, args.format, args.max_new_tokens, greedy=True, device=device)
-        baseline = torch.tensor([runtime.score_item(runtime.decode(lm, c), it, args.format).reward
+    if cfg.adv == "remax":  # ReMax's baseline: the reward of the greedy completion of the same prompt
+        greedy, _ = runtime.sample(lm, items, cfg.format, cfg.max_new_tokens, greedy=True, device=device)
+        baseline = torch.tensor([score_item(runtime.decode(lm, c), it, cfg.format).reward
                                  for c, it in zip(greedy, items)])
-    silent = silent_groups(rewards, args.adv, baseline)
-    adv = group_advantages(rewards, args.adv, baseline).masked_fill(silent.unsqueeze(1), 0.0)
+    silent = silent_groups(rewards, cfg.adv, baseline)
+    adv = group_advantages(rewards, cfg.adv, baseline).masked_fill(silent.unsqueeze(1), 0.0)
     t_roll = time.time() - t0
-    gen_tok = sum(len(c) for row in table for c in row["completions"])
-    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, gen_tok, var_sum, n_any, n_format_only = \
-        runtime.all_sum([rewards.sum().item() / args.group, len(table),
-                         sum(zero_variance(row["rewards"]) for row in table), int(silent.sum()),
-                         sum(s.correct for row in table for s in row["scores"]),
-                         sum(t for row in table for t in row["truncated"]), gen_tok,
-                         rewards.var(1, correction=0).sum().item(),
-                         sum(any(s.correct for s in row["scores"]) for row in table),
-                         sum(format_only(row["scores"]) for row in table)], device)
-    n_samples = n_groups * args.group
+    m = rollout_metrics(table, rewards, silent, cfg.group, device)
 
     # flatten groups into (item, completion, advantage); --skip_zero_var drops the silent groups. Without the KL
     # term a silent group adds exactly nothing to the gradient (A = 0), so its sequences are not run through the
     # model, but they still count in the loss normaliser: the gradient is the full batch's.
     seqs, silent_tokens, silent_seqs = [], 0, 0
     for row, advs, quiet in zip(table, adv, silent.tolist()):
-        if quiet and args.skip_zero_var:
+        if quiet and cfg.skip_zero_var:
             continue
-        if quiet and args.kl_coef == 0:
+        if quiet and cfg.kl_coef == 0:
             silent_tokens += sum(len(c) for c in row["completions"])
             silent_seqs += len(row["completions"])
             continue
         seqs += [(row["item"], c, float(a)) for c, a in zip(row["completions"], advs)]
     t1 = time.time()
-    update = grpo_update(lm, ref, opt, seqs, args, device, filler=items[0],
+    update = grpo_update(lm, ref, opt, seqs, cfg, device, filler=items[0],
                          normaliser_extra=(silent_tokens, silent_seqs))
-    m = {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero_var / n_groups,
-         "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples, "completion_len": gen_tok / n_samples,
-         "reward_var": var_sum / n_groups, "prompts_with_correct": n_any / n_groups,
-         "format_only_groups": n_format_only / n_groups, **update, "rollout_s": round(t_roll, 3),
-         "update_s": round(time.time() - t1, 3), "rollout_tok_per_s": round(gen_tok / max(t_roll, 1e-9), 1)}
+    m.update(update, rollout_s=round(t_roll, 3), update_s=round(time.time() - t1, 3),
+             rollout_tok_per_s=round(m.pop("rollout_tokens") / max(t_roll, 1e-9), 1))
     runtime.check_finite(reward=m["reward"])
     if probe is not None:
         m["general_ll_delta"] = probe()
     return m
 
 
-def grpo_update(lm, ref, opt, seqs, args, device, filler=None, normaliser_extra=(0, 0)):
+def rollout_metrics(table, rewards, silent, group, device):
+    """What a step's rollout says, summed over ranks: mean reward and accuracy, the shares of zero-variance,
+    silent and format-only groups, of prompts with a correct sample and of replies cut at the budget, the mean
+    completion length and group reward variance (and the rollout's tokens, for its speed)."""
+    tokens = sum(len(c) for row in table for c in row["completions"])
+    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, tokens, var_sum, n_any, n_format_only = \
+        runtime.all_sum([rewards.sum().item() / group, len(table),
+                         sum(zero_variance(row["rewards"]) for row in table), int(silent.sum()),
+                         sum(s.correct for row in table for s in row["scores"]),
+                         sum(t for row in table for t in row["truncated"]), tokens,
+                         rewards.var(1, correction=0).sum().item(),
+                         sum(any(s.correct for s in row["scores"]) for row in table),
+                         sum(format_only(row["scores"]) for row in table)], device)
+    n_samples = n_groups * group
+    return {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero_var / n_groups,
+            "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples,
+            "completion_len": tokens / n_samples, "reward_var": var_sum / n_groups,
+            "prompts_with_correct": n_any / n_groups, "format_only_groups": n_format_only / n_groups,
+            "rollout_tokens": tokens}
+
+
+def grpo_update(lm, ref, opt, seqs, cfg, device, filler=None, normaliser_extra=(0, 0)):
     """--ppo_epochs optimizer steps on this rank's (item, completion ids, advantage) triples.
     `normaliser_extra` (tokens, sequences) are silent sequences left out of the forward but counted in the loss
     normalisers, which are counted over all ranks. When no rank has a sequence to train on, no step is taken."""
@@ -201,38 +210,34 @@ def grpo_update(lm, ref, opt, seqs, args, device, filler=None, normaliser_extra=
     if n_trained == 0:
         return {"grad_norm": 0.0, "trained_seqs": 0, "kl": 0.0, "skipped_step": True}
     stand_in = seqs[0] if seqs else (filler, [lm.eos_id], 0.0)
-    micro_batches = list(runtime.equal_chunks(seqs, args.micro_batch, device, stand_in))
+    micro_batches = list(runtime.equal_chunks(seqs, cfg.micro_batch, device, stand_in))
     old = ref_logp = [None] * len(micro_batches)
     with torch.no_grad():
-        if args.ppo_epochs > 1:
-            old = [_logp(lm, mb, args, device)[0] for mb, _ in micro_batches]
+        if cfg.ppo_epochs > 1:
+            old = [_logp(lm, mb, cfg, device)[0] for mb, _ in micro_batches]
         if ref is not None:
-            ref_logp = [_logp(ref, mb, args, device)[0] for mb, _ in micro_batches]
+            ref_logp = [_logp(ref, mb, cfg, device)[0] for mb, _ in micro_batches]
     norm, kl_sum = 0.0, 0.0
-    for _ in range(args.ppo_epochs):
+    for _ in range(cfg.ppo_epochs):
         loss_sum = 0.0
         for j, (mb, real) in enumerate(micro_batches):
-            logp, mask, advs = _logp(lm, mb, args, device)
+            logp, mask, advs = _logp(lm, mb, cfg, device)
             # one epoch on-policy: pi_old is the current model, so rho = 1 and only its gradient matters
             old_j = old[j] if old[j] is not None else logp.detach()
-            tok = clipped_token_loss(logp, old_j, advs, args.clip_low, args.clip_high)
+            tok = clipped_token_loss(logp, old_j, advs, cfg.clip_low, cfg.clip_high)
             if ref_logp[j] is not None:
                 kl = k3_kl(logp, ref_logp[j])
-                tok = tok + args.kl_coef * kl
+                tok = tok + cfg.kl_coef * kl
                 kl_sum += real * (kl * mask).sum().item()
-            loss = aggregate(tok, mask, args.loss_agg, n_tokens, n_seqs, args.max_new_tokens)
+            loss = aggregate(tok, mask, cfg.loss_agg, n_tokens, n_seqs, cfg.max_new_tokens)
             (loss * runtime.world() * real).backward()  # FSDP averages over ranks; `real` zeroes stand-in passes
             loss_sum += real * loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), args.grad_clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        runtime.check_finite(loss=runtime.all_sum([loss_sum], device)[0], grad_norm=norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norm = runtime.optimizer_step(lm.model, opt, cfg.grad_clip, runtime.all_sum([loss_sum], device)[0])
     return {"grad_norm": norm, "trained_seqs": int(n_trained), "skipped_step": False,
-            "kl": runtime.all_sum([kl_sum], device)[0] / n_tokens / args.ppo_epochs}
+            "kl": runtime.all_sum([kl_sum], device)[0] / n_tokens / cfg.ppo_epochs}
 
 
-def _logp(lm, micro_batch, args, device):
+def _logp(lm, micro_batch, cfg, device):
     """Per-token log-probs, completion mask and advantages of a micro-batch of (item, completion, advantage).
     A group's completions follow each other, so each prompt is forwarded once for all of them
     (runtime.shared_prompt_logprobs: the same log-probs and gradient as forwarding it G times). Activation
@@ -240,8 +245,8 @@ def _logp(lm, micro_batch, args, device):
     the prompt."""
     shared = not runtime.is_dist() and not runtime.is_activation_checkpointing(lm.model)
     scorer = runtime.shared_prompt_logprobs if shared else runtime.token_logprobs
-    logp, mask = scorer(lm, [s[0] for s in micro_batch], args.format, [s[1] for s in micro_batch], device,
-                        args.temperature)
+    logp, mask = scorer(lm, [s[0] for s in micro_batch], cfg.format, [s[1] for s in micro_batch], device,
+                        cfg.temperature)
     return logp, mask, torch.tensor([s[2] for s in micro_batch], device=device)
 
 
@@ -342,7 +347,8 @@ def main(argv=None):
     g.add_argument("--clip_high", type=float, default=d.clip_high, help="PPO clip above 1")
     g.add_argument("--ppo_epochs", type=int, default=d.ppo_epochs, help="updates per rollout batch")
     g.add_argument("--kl_coef", type=float, default=d.kl_coef, help="k3 KL weight to the stage's start model (P1: 0.01)")
-    g.add_argument("--skip_zero_var", action="store_true", help="drop zero-variance groups from the update")
+    g.add_argument("--skip_zero_var", action="store_true",
+                   help="drop silent groups (all advantages 0) from the update and its normaliser")
     g = p.add_argument_group("instance filtering (P1's RIF-RFT) and diagnostics")
     g.add_argument("--rif", default="none", choices=["none", "incompetent", "zero_variance"],
                    help="filter each stage's prompt pool with the current model first")
@@ -354,53 +360,53 @@ def main(argv=None):
            objective_errors(args.clip_low, args.clip_high, args.kl_coef, args.probe_general))
 
     grpo = GRPOConfig.from_args(args)
+    with Run("rft", args) as run:
+        lm, device = run.lm, run.device
+        for stage in run.pending_stages():
+            ref = None
+            if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
+                ref = runtime.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
+                ref.model.requires_grad_(False).eval()
+            opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
+            stream, steps = Stream(stage.specs, (args.seed, stage.k)), args.steps * len(stage.specs)
+            if args.rif != "none":  # RIF-RFT: the same passes over the instances that can teach, so fewer steps
+                kept, stats = rif_filter(lm, stream.next(steps * args.batch_size), args.rif, args.rif_k, grpo, device)
+                run.log(stage=stage.k, rif=stats)
+                stream = Stream.from_items(kept, (args.seed, stage.k)) if kept else stream
+                steps = max(1, math.ceil(steps * stats["kept_fraction"])) if kept else 0
+            probe = general_probe(lm, args.general, args.probe_general, args.format, device) \
+                if args.probe_general else None
+            lm.model.train()
+            rows = []
+            for step in tqdm(range(steps), desc=f"grpo stage {stage.k}", disable=runtime.rank() != 0):
+                items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
+                m = grpo_step(lm, ref, opt, items, grpo, device, probe)
+                run.log(stage=stage.k, step=step, **{k: round(v, 5) if isinstance(v, float) else v
+                                                     for k, v in m.items()})
+                rows.append(m)
+                for line in learning_warnings(rows):
+                    tqdm.write(f"warning: grpo stage {stage.k}: {line}") if runtime.rank() == 0 else None
+            runtime.print0(f"  grpo stage {stage.k}: {stage_summary(rows)}")
+            if few_correct(rows):
+                runtime.print0(f"warning: grpo stage {stage.k}: {few_correct(rows)}")
+            run.finish_stage(stage)
+    return run.res
 
-    def train_stage(lm, specs, stage, log):
-        device = next(lm.model.parameters()).device
-        ref = None
-        if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
-            ref = runtime.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
-            ref.model.requires_grad_(False).eval()
-        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
-        stream, steps = Stream(specs, (args.seed, stage)), args.steps * len(specs)
-        if args.rif != "none":
-            stream, steps = rif_stream(lm, stream, steps, stage, log, device)
-        probe = general_probe(lm, args.general, args.probe_general, args.format, device) if args.probe_general else None
-        lm.model.train()
-        rows = []
-        for step in tqdm(range(steps), desc=f"grpo stage {stage}", disable=runtime.rank() != 0):
-            items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
-            m = grpo_step(lm, ref, opt, items, grpo, device, probe)
-            log(stage=stage, step=step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
-            rows.append(m)
-            for line in learning_warnings(rows):
-                tqdm.write(f"warning: grpo stage {stage}: {line}") if runtime.rank() == 0 else None
-        runtime.print0(f"  grpo stage {stage}: {stage_summary(rows)}")
-        if few_correct(rows):
-            runtime.print0(f"warning: grpo stage {stage}: {few_correct(rows)}")
 
-    def rif_stream(lm, stream, steps, stage, log, device):
-        """RIF-RFT: roll out the stage's whole prompt pool K times, keep the instances that can teach; the same
-        number of passes over the kept ones, so fewer steps (RIF's saving). Every rank filters its share and the
-        keep flags are summed, so all ranks hold the same kept pool and take equal slices of it."""
-        pool = stream.next(steps * args.batch_size)
-        mine = list(range(runtime.rank(), len(pool), runtime.world()))
-        flags, stats, _ = filter_items(lm, [pool[i] for i in mine], args.rif, args.format, args.rif_k,
-                                       args.temperature, args.max_new_tokens, device, args.gen_batch)
-        kept_mask = [0.0] * len(pool)
-        for i, f in zip(mine, flags):
-            kept_mask[i] = float(f)
-        kept = [it for it, f in zip(pool, runtime.all_sum(kept_mask, device)) if f]
-        runtime.print0(f"  rif {args.rif}: kept {stats['kept']}/{stats['instances']} "
-                       f"({100 * stats['kept_fraction']:.0f}%) in {stats['rollout_seconds']} s")
-        log(stage=stage, rif=stats)
-        if not kept:  # nothing can teach this model here: the stage trains on nothing, and says so
-            runtime.print0("  rif: no instance kept; the stage takes no step")
-            return stream, 0
-        return Stream.from_items(kept, (args.seed, stage)), max(1, math.ceil(steps * stats["kept_fraction"]))
-
-    return run_cpt(args, "rft", train_stage)
+def rif_filter(lm, pool, mode, k, cfg, device):
+    """RIF-RFT on a stage's whole prompt pool: K rollouts each, the instances that can teach kept (and the stats).
+    Every rank filters its share and the keep flags are summed, so all ranks hold the same kept pool."""
+    mine = list(range(runtime.rank(), len(pool), runtime.world()))
+    flags, stats, _ = filter_items(lm, [pool[i] for i in mine], mode, cfg.format, k, cfg.temperature,
+                                   cfg.max_new_tokens, device, cfg.gen_batch)
+    kept_mask = [0.0] * len(pool)
+    for i, f in zip(mine, flags):
+        kept_mask[i] = float(f)
+    kept = [it for it, f in zip(pool, runtime.all_sum(kept_mask, device)) if f]
+    runtime.print0(f"  rif {mode}: kept {stats['kept']}/{stats['instances']} ({100 * stats['kept_fraction']:.0f}%) "
+                   f"in {stats['rollout_seconds']} s" + ("" if kept else "; no instance kept: the stage takes no step"))
+    return kept, stats
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from tqdm import tqdm
 import runtime
 from data.tasks import Stream
 from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
-from loop import run_cpt
+from loop import Run
+from rollouts import restated_replies, rollout
 
 
 def sft_loss(logp, mask, n_tokens):
@@ -63,18 +64,14 @@ def sft_step(lm, opt, pairs, fmt, micro_batch, device, filler, grad_clip=1.0):
         loss.backward()
         total += loss.item() / runtime.world()
     total = runtime.all_sum([total], device)[0]
-    norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), grad_clip)
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    runtime.check_finite(loss=total, grad_norm=norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    norm = runtime.optimizer_step(lm.model, opt, grad_clip, total)
     return total, norm, n_tokens
 
 
 def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
     """K samples per item from `lm`, the correct ones as (item, completion ids) pairs: P2's RFT-simulated data when
     `lm` is the model being trained, the oracle's data when it is the frozen base."""
-    table = runtime.rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
+    table = rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
     return [(row["item"], comp) for row in table for comp, s in zip(row["completions"], row["scores"]) if s.correct]
 
 
@@ -98,36 +95,38 @@ def main(argv=None):
     args = settle_defaults(args)
     refuse(input_errors(args, positive=("k",)))
 
-    base = []  # the frozen starting model, loaded once, for --sft_data oracle
-
-    def train_stage(lm, specs, stage, log):
-        device = next(lm.model.parameters()).device
-        if args.sft_data == "oracle" and not base:
-            base.append(runtime.load_model(args.model, device))
-            base[0].model.requires_grad_(False).eval()
-        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        stream = Stream(specs, (args.seed, stage))
-        lm.model.train()
-        # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
-        for step in tqdm(range(args.steps * len(specs)), desc=f"sft stage {stage}", disable=runtime.rank() != 0):
-            t0 = time.time()
-            items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
-            if args.sft_data == "voice":
-                pairs = runtime.restated_replies(lm, items, args.format, args.max_new_tokens, device)
-            elif args.sft_data != "gold":
-                sampler = lm if args.sft_data == "self" else base[0]
-                pairs = self_targets(sampler, items, args.format, args.k, args.temperature, args.max_new_tokens, device)
-            else:
-                pairs = [(it, runtime.target_ids(lm, it["answer"], args.format)) for it in items]
-            if runtime.all_sum([len(pairs)], device)[0] == 0:
-                log(stage=stage, step=step, kept=0, skipped_step=True)
-                continue
-            loss, norm, n_tokens = sft_step(lm, opt, pairs, args.format, args.micro_batch, device, items[0],
-                                            args.grad_clip)
-            log(stage=stage, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=int(n_tokens),
-                items=int(runtime.all_sum([len(pairs)], device)[0]), seconds=round(time.time() - t0, 3))
-
-    return run_cpt(args, "sft", train_stage)
+    with Run("sft", args) as run:
+        lm, device = run.lm, run.device
+        oracle = None  # the frozen starting model, for --sft_data oracle
+        for stage in run.pending_stages():
+            if args.sft_data == "oracle" and oracle is None:
+                oracle = runtime.load_model(args.model, device)
+                oracle.model.requires_grad_(False).eval()
+            opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            stream = Stream(stage.specs, (args.seed, stage.k))
+            lm.model.train()
+            # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
+            for step in tqdm(range(args.steps * len(stage.specs)), desc=f"sft stage {stage.k}",
+                             disable=runtime.rank() != 0):
+                t0 = time.time()
+                items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
+                if args.sft_data == "voice":
+                    pairs = restated_replies(lm, items, args.format, args.max_new_tokens, device)
+                elif args.sft_data != "gold":
+                    sampler = lm if args.sft_data == "self" else oracle
+                    pairs = self_targets(sampler, items, args.format, args.k, args.temperature, args.max_new_tokens,
+                                         device)
+                else:
+                    pairs = [(it, runtime.target_ids(lm, it["answer"], args.format)) for it in items]
+                if runtime.all_sum([len(pairs)], device)[0] == 0:
+                    run.log(stage=stage.k, step=step, kept=0, skipped_step=True)
+                    continue
+                loss, norm, n_tokens = sft_step(lm, opt, pairs, args.format, args.micro_batch, device, items[0],
+                                                args.grad_clip)
+                run.log(stage=stage.k, step=step, loss=round(loss, 5), grad_norm=round(norm, 4), tokens=int(n_tokens),
+                        items=int(runtime.all_sum([len(pairs)], device)[0]), seconds=round(time.time() - t0, 3))
+            run.finish_stage(stage)
+    return run.res
 
 
 if __name__ == "__main__":

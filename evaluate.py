@@ -202,7 +202,7 @@ KEYS = ("AvgAcc", "FM", "BWT", "FWT", "Gain", "Retention", "KL", "GenLL")
 
 
 def summary(groups):
-    """Per group: {metric: (mean, std)}, plus the mean last row per column."""
+    """Per group: {metric: (mean, std)} and its number of seeds."""
     out = {}
     for name, runs in groups.items():
         ms = [{**metrics(r["acc"], r["n_tasks"]), **distance_metrics(r)} for r in runs]
@@ -259,7 +259,7 @@ def markdown(groups):
                                         for v, digits in ((gain, 1), (g, 1), (d, 3))))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    for name, runs in groups.items():  # the last row of each group, per task
+    for name, runs in groups.items():  # each group's whole accuracy matrix, mean over seeds
         cols = runs[0]["columns"]
         lines.append(f"**{name}**: accuracy matrix, % (mean over {len(runs)} seed(s))")
         lines.append("| row | " + " | ".join(cols) + " |")

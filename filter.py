@@ -7,9 +7,9 @@ then keep the instances that can teach the model:
   zero_variance    drop all-wrong and all-right instances: no reward variance, so no GRPO gradient (P1's reading)
   pass_rate LO HI  keep LO < pass rate < HI (open-r1's offline filter)
 
-Rewards are compared with a tolerance (REWARD_TOL), never with ==: 0.9*1 + 0.1*1 is not exactly 1.0 in floats.
-The filter is here, written out (`keep`, `filter_items`); cpt_rft.py --rif imports it and runs it at the start of
-every stage, and `main` below is its stand-alone front end, with the data view.
+Rewards are compared with a tolerance, never with ==. The filter is written out in rollouts.py (`keep`,
+`filter_items`), which cpt_rft.py --rif runs at the start of every stage; this script is its stand-alone front end,
+with the data view.
 --emit correct writes the correct rollouts themselves as an SFT data set (P2's "RFT-simulated rollouts").
 The stats also give P2's data view: the NLL under the model (per token and per answer) of the gold answers (what
 SFT would teach: on a multi-answer task the canonical one), of its own rollouts, of its own correct rollouts
@@ -25,68 +25,14 @@ cpt_rft.py --rif MODE runs the same filter at the start of every stage with the 
 import argparse
 import json
 import os
-import time
 
 import torch
 
 import runtime
+from rollouts import filter_items, restated_replies
 from flags import NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
 from data.rewards import FORMATS
 from data.tasks import BUILTIN, DataError, load_split, task_name
-
-
-# ----------------------------------------------------------------------------- the reward-variance filter (RIF-RFT)
-
-REWARD_TOL = 1e-6  # rewards closer than this are equal: 0.9*1 + 0.1*1 is not exactly 1.0 in floats
-
-
-def zero_variance(rewards, tol=REWARD_TOL):
-    """True when all K rewards are equal within tol: the group's rewards cannot rank its samples."""
-    return max(rewards) - min(rewards) <= tol
-
-
-def pass_rate(correct):
-    """Fraction of the K rollouts that are entirely correct."""
-    return sum(bool(c) for c in correct) / len(correct)
-
-
-def keep(mode, rewards, correct, low=0.0, high=1.0, tol=REWARD_TOL):
-    """Whether an instance with these K rollouts is kept under a filter mode:
-      incompetent     drop instances whose K rollouts are all wrong (pass rate 0)
-      zero_variance   drop every instance whose K rewards are equal (all wrong or all right): no GRPO gradient
-      pass_rate       keep low < pass rate < high (open-r1's offline filter)"""
-    if mode == "none":
-        return True
-    if mode == "incompetent":
-        return pass_rate(correct) > 0
-    if mode == "zero_variance":
-        return not zero_variance(rewards, tol)
-    if mode == "pass_rate":
-        return low + tol < pass_rate(correct) < high - tol
-    raise ValueError(f"unknown filter mode {mode!r}")
-
-
-def pass_count_histogram(correct_counts, k):
-    """How many instances had 0, 1, ..., K correct rollouts (K + 1 bins: 7/8 and 8/8 are different instances)."""
-    counts = [0] * (k + 1)
-    for c in correct_counts:
-        counts[c] += 1
-    return counts
-
-
-def filter_items(lm, items, mode, fmt, k, temperature, max_new_tokens, device, gen_batch=256, low=0.0, high=1.0):
-    """Roll out this rank's items K times; return (a keep flag per item, stats summed over ranks, the rollout
-    table)."""
-    t0 = time.time()
-    table = runtime.rollout(lm, items, fmt, k, temperature, max_new_tokens, device, gen_batch)
-    flags = [keep(mode, row["rewards"], [s.correct for s in row["scores"]], low, high) for row in table]
-    n_correct = [sum(s.correct for s in row["scores"]) for row in table]
-    tokens = sum(len(c) for row in table for c in row["completions"])
-    n, n_kept, tokens, *hist = runtime.all_sum([len(items), sum(flags), tokens] + pass_count_histogram(n_correct, k), device)
-    stats = {"mode": mode, "k": k, "instances": int(n), "kept": int(n_kept), "kept_fraction": n_kept / n,
-             "correct_rollouts_histogram": [int(h) for h in hist], "rollout_tokens": int(tokens),
-             "rollout_seconds": round(time.time() - t0, 2)}
-    return flags, stats, table
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -109,7 +55,7 @@ def data_nll(lm, table, fmt, device, max_new_tokens, batch_size=64):
             "own": [(row["item"], c) for row in table for c in row["completions"]],
             "own_correct": [(row["item"], c) for row in table for c, s in zip(row["completions"], row["scores"])
                             if s.correct],
-            "voice": runtime.restated_replies(lm, [row["item"] for row in table], fmt, max_new_tokens, device)}
+            "voice": restated_replies(lm, [row["item"] for row in table], fmt, max_new_tokens, device)}
     out = {}
     for name, pairs in sets.items():
         nll = tokens = 0.0

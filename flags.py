@@ -10,9 +10,9 @@ import math
 import os
 import tempfile
 
-from data.rewards import FORMATS, answer_text
-from data.tasks import (BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, distinct_items, load_split,
-                        task_name)
+from data.rewards import FORMATS
+from data.tasks import (BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, answer_text, distinct_items,
+                        load_split, task_name)
 from runtime import (DEFAULT_MODEL, is_vlm_config, messages, model_config, planned_world, set_pixel_bounds,
                      split_model_path, text_config)
 

@@ -1,11 +1,12 @@
-"""The continual post-training loop: the tasks one after another, everything evaluated after every stage.
+"""The continual post-training loop's services: everything a run does around training, in the order it runs.
 
-    (flags.py: every input checked) -> one run per --out -> load the model -> base row -> for each stage:
-    train -> evaluate -> checkpoint -> results.json -> stop a run that broke
+    (flags.py: every input checked) -> Run: one run per --out, the model, the base row -> the script's own loop:
+        for stage in run.pending_stages():   # seeded, the model resharded, the clock started
+            ... the script trains run.lm here (cpt_sft.py: SFT steps; cpt_rft.py: GRPO steps) ...
+            run.finish_stage(stage)          # evaluate every task, checkpoint, results.json, stop a broken run
 
-cpt_sft.py and cpt_rft.py each hand run_cpt a train_stage(lm, specs, stage, log) that trains the model in place;
-everything else a run does is here, in the order it runs. Rerunning the same command resumes after the last
-finished stage.
+The scripts call these services; nothing here calls back into a script. Rerunning the same command resumes after
+the last finished stage; Ctrl-C, a full disk or a diverged stage end in one line that says what was kept.
 """
 import gc
 import hashlib
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,78 +22,230 @@ import torch.distributed as dist
 from data.tasks import task_name
 from flags import eval_counts, refuse
 from measure import eval_items, evaluate_all, general_loglik, kl_to_base, sample_base
-from runtime import (ROOT, Diverged, Log, all_sum, cleanup, configure, encode, init_dist, is_dist, load_model,
-                     model_config, peak_memory, print0, rank, reshard, save_checkpoint, seed_all, split_model_path,
-                     text_config, world, write_json, WriteFailed)
+from runtime import (ROOT, Diverged, Log, WriteFailed, all_sum, cleanup, configure, encode, init_dist, is_dist,
+                     load_model, model_config, peak_memory, print0, rank, reshard, save_checkpoint, seed_all,
+                     split_model_path, text_config, world, write_json)
 
 # the base row of a comparison is computed once and shared by its runs; keyed by everything that changes it
 CACHE_DIR = os.environ.get("CPT_CACHE", os.path.join(ROOT, "runs", ".cache"))
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the run
 
-def run_cpt(args, script, train_stage):
-    """The sequential training-and-evaluation loop.
+@dataclass
+class Stage:
+    """Stage k (1-based) of a run: its name (a task, or "multitask") and the task specs it trains on."""
+    k: int
+    name: str
+    specs: list
 
-    Row "base" is the starting model; then for each task in --tasks (or once, on all of them, with --multitask)
-    train_stage(lm, specs, stage, log) trains the model in place, everything is evaluated again, the model is saved
-    to OUT/stage-K and the new row is appended to OUT/results.json. Rerunning the same command resumes after the
-    last stage that results.json records. A stage that diverges stops the run; the finished stages stay."""
-    out = args.out or os.path.join("runs", script)
-    stages = [("multitask", list(args.tasks))] if args.multitask else [(task_name(t), [t]) for t in args.tasks]
-    specs = list(args.tasks) + list(args.general)
-    columns = [task_name(s) for s in specs]
-    res_path = os.path.join(out, "results.json")
-    res = read_or_start_results(res_path, columns, run_config(args, script))
-    rank_, world_, device = init_dist()
-    res["config"]["world"] = world_
-    res["items"] = [len(eval_items(s, eval_counts(args)[s], args.eval_split)) for s in specs]  # per column
-    lock = RunLock(out) if rank_ == 0 else None  # one run per --out: a second process is refused here
-    done = max(len(res["rows"]) - 1, 0)
-    at = "before the base row"  # where an interrupt or a write failure finds the run
-    try:
-        start = os.path.join(out, f"stage-{done}") if done else args.model
-        print0(f"{script}: {len(stages)} stage(s) on {', '.join(columns[:len(args.tasks)])}; general tasks "
-               f"{', '.join(columns[len(args.tasks):]) or '-'}; world size {world_}; device {device}; "
-               f"{'resuming after stage ' + str(done) + ' from ' + start if done else 'starting from ' + args.model}")
-        cannot_resume = f"The run cannot resume from it: delete {out} (or use another --out) to start again"
-        if done:
-            refuse(architecture_errors(start, args.model, cannot_resume))
-        lm = load_model(start, device, grad_ckpt=args.grad_ckpt,
-                        what=f"the checkpoint of stage {done}, {start}" if done else None,
-                        advice=cannot_resume if done else None)
-        configure(lm, args.min_pixels, args.max_pixels)
-        if lm.is_vlm:
-            print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(lm, specs).items()))
-        kl_items = {t: eval_items(t, args.eval_n, args.eval_split)[:args.kl_n] for t in args.tasks}
-        kl_items = {t: v for t, v in kl_items.items() if v and (lm.is_vlm or not any(it["images"] for it in v))}
-        samples = base_row(lm, res, args, specs, kl_items, device) if not res["rows"] else None
-        samples = keep_on_disk(out, res_path, res, samples, rank_)
-        log = open_log(os.path.join(out, "log.jsonl"), done)
-        for k, (name, stage_specs) in enumerate(stages, 1):
-            if k > done:
-                at = f"in stage {k} ({name})"
-                run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_items, samples, out,
-                          device)
-                done = k
-        print0(f"results: {res_path}")
-    except (KeyboardInterrupt, WriteFailed) as e:
-        kept = (f"{res_path} keeps the base row and {done} finished stage(s)" if os.path.exists(res_path)
-                else "nothing was kept")
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped: {e}"
-        fix = "" if isinstance(e, KeyboardInterrupt) else "free space on its disk (or fix the folder), then "
-        raise SystemExit(f"\n{what} {at}; {kept}. To go on, {fix}run the same command again: it resumes after "
-                         f"{'stage ' + str(done) if done else 'the base row' if os.path.exists(res_path) else 'nothing'}"
-                         ) from None
-    finally:
-        if lock is not None:
-            lock.release()
-    # free the sharded model while its process group still exists: left to interpreter teardown, a gloo rank
-    # sometimes aborted at exit ("terminate called without an active exception")
-    lm.model = None
-    gc.collect()
-    cleanup()
-    return res
+
+class Run:
+    """One continual post-training run in OUT (default runs/<script>), used as `with Run(script, args) as run:`.
+
+    Opening it takes OUT's lock (one run per folder), reads or starts OUT/results.json (a different command's is
+    refused), loads the model (from the last finished stage when resuming) and computes row "base": the starting
+    model's accuracy on every task, its samples for the KL, the general tasks' gold log-likelihood. The settings
+    are read from the command's flags here, once; everything after takes plain values."""
+
+    def __init__(self, script, args):
+        self.script, self.out = script, args.out or os.path.join("runs", script)
+        self.model_path, self.fmt, self.seed, self.lr = args.model, args.format, args.seed, args.lr
+        self.tasks, self.general = list(args.tasks), list(args.general)
+        self.specs = self.tasks + self.general
+        self.stages = ([Stage(1, "multitask", self.tasks)] if args.multitask else
+                       [Stage(k, task_name(t), [t]) for k, t in enumerate(self.tasks, 1)])
+        self.counts, self.split = eval_counts(args), args.eval_split  # evaluation items per spec, and their split
+        self.eval_tokens, self.eval_batch = args.eval_max_new_tokens, args.eval_batch
+        self.kl_n, self.kl_samples, self.keep_stages = args.kl_n, args.kl_samples, args.keep_stages
+        self.res_path = os.path.join(self.out, "results.json")
+        columns = [task_name(s) for s in self.specs]
+        self.res = read_or_start_results(self.res_path, columns, run_config(args, script))
+        rank_, world_, self.device = init_dist()
+        self.res["config"]["world"] = world_
+        self.res["items"] = [len(eval_items(s, self.counts[s], self.split)) for s in self.specs]  # per column
+        self.lock = RunLock(self.out) if rank_ == 0 else None  # a second process on this --out is refused here
+        self.done = max(len(self.res["rows"]) - 1, 0)  # finished stages
+        self.at, self.lm = "before the base row", None  # where an interrupt or a write failure finds the run
+        try:
+            start = os.path.join(self.out, f"stage-{self.done}") if self.done else self.model_path
+            print0(f"{script}: {len(self.stages)} stage(s) on {', '.join(columns[:len(self.tasks)])}; general tasks "
+                   f"{', '.join(columns[len(self.tasks):]) or '-'}; world size {world_}; device {self.device}; " +
+                   (f"resuming after stage {self.done} from {start}" if self.done else f"starting from {start}"))
+            cannot_resume = f"The run cannot resume from it: delete {self.out} (or use another --out) to start again"
+            if self.done:
+                refuse(architecture_errors(start, self.model_path, cannot_resume))
+            self.lm = load_model(start, self.device, grad_ckpt=args.grad_ckpt,
+                                 what=f"the checkpoint of stage {self.done}, {start}" if self.done else None,
+                                 advice=cannot_resume if self.done else None)
+            configure(self.lm, args.min_pixels, args.max_pixels)
+            if self.lm.is_vlm:
+                print0("image tokens per sample: " + ", ".join(
+                    f"{k} {v}" for k, v in image_tokens(self.lm, self.specs).items()))
+            kl_items = {t: eval_items(t, args.eval_n, self.split)[:self.kl_n] for t in self.tasks}
+            self.kl_items = {t: v for t, v in kl_items.items()
+                             if v and (self.lm.is_vlm or not any(it["images"] for it in v))}
+            samples = self.base_row() if not self.res["rows"] else None
+            self.samples = self.keep_on_disk(samples, rank_)
+            self.log = open_log(os.path.join(self.out, "log.jsonl"), self.done)
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        """Release the lock, free the model; turn an interrupt, a full disk or a diverged stage into one line."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if error is None:
+            # free the sharded model while its process group still exists: left to interpreter teardown, a gloo
+            # rank sometimes aborted at exit ("terminate called without an active exception")
+            self.lm.model = None
+            gc.collect()
+            cleanup()
+            print0(f"results: {self.res_path}")
+        if isinstance(error, Diverged):
+            raise SystemExit(self.diverged(error)) from None
+        if isinstance(error, (KeyboardInterrupt, WriteFailed)):
+            kept = os.path.exists(self.res_path)
+            what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped: {error}"
+            fix = "" if isinstance(error, KeyboardInterrupt) else "free space on its disk (or fix the folder), then "
+            after = f"stage {self.done}" if self.done else "the base row" if kept else "nothing"
+            raise SystemExit(f"\n{what} {self.at}; " + (f"{self.res_path} keeps the base row and {self.done} finished "
+                             f"stage(s)" if kept else "nothing was kept") +
+                             f". To go on, {fix}run the same command again: it resumes after {after}") from None
+        return False
+
+    def base_row(self):
+        """Row 0: the starting model's accuracy on every task, its samples for the KL, its general log-likelihood.
+        Each is the same in every run of a comparison that shares its settings, so each is computed once (cached)."""
+        lm, device, key = self.lm, self.device, (self.model_path, self.counts, self.fmt, self.split, str(self.device))
+        seed_all(self.seed, "eval")
+        row = cached_base("row", *key, self.evaluate_row, specs=self.specs, eval_tokens=self.eval_tokens)
+        self.record_row("base", row)
+
+        def draw_samples():
+            seed_all(self.seed, "kl")
+            return {t: sample_base(lm, v, self.fmt, self.kl_samples, self.eval_tokens, device)
+                    for t, v in self.kl_items.items()}
+        samples = cached_base("kl-samples", *key, draw_samples, per_rank=True, tasks=sorted(self.kl_items),
+                              kl_n=self.kl_n, kl_samples=self.kl_samples, seed=self.seed, eval_tokens=self.eval_tokens)
+        self.res["kl_to_base"] = [[0.0 if t in self.kl_items else None for t in self.tasks]]
+        self.res["general_ll"] = [cached_base("general-ll", *key,
+                                              lambda: general_loglik(lm, self.general_items(), self.fmt, device),
+                                              general=self.general, kl_n=self.kl_n)]
+        return samples
+
+    def evaluate_row(self):
+        acc, truncated = evaluate_all(self.lm, self.specs, self.fmt, self.device, self.counts, self.eval_tokens,
+                                      self.eval_batch, self.split)
+        return {"acc": acc, "truncated": truncated}
+
+    def general_items(self):
+        """The general tasks' items for the gold log-likelihood: the first --kl_n of each task's evaluation items."""
+        return [eval_items(g, self.counts[g], self.split)[:self.kl_n] for g in self.general]
+
+    def record_row(self, name, row):
+        """Append a row of the accuracy matrix (and its truncated shares) and say it, with a warning where more
+        than TRUNCATION_WARN of the replies hit the token budget."""
+        res, columns = self.res, self.res["columns"]
+        res["rows"].append(name)
+        res["acc"].append([row["acc"][c] for c in columns])
+        res.setdefault("truncated", []).append([row["truncated"].get(c) for c in columns])
+        print0(format_row(name, row["acc"], columns))
+        for line in truncation_warning(name, row["truncated"], self.eval_tokens):
+            print0(line)
+
+    def keep_on_disk(self, samples, rank_):
+        """results.json now (the base row), and this rank's KL reference samples (read back when resuming)."""
+        samples_path = os.path.join(self.out, f"base-samples-rank{rank_}.json")
+        if samples is None and os.path.exists(samples_path):
+            with open(samples_path) as f:
+                samples = json.load(f)
+        if rank_ == 0:
+            write_json(self.res_path, self.res)
+        if is_dist():
+            dist.barrier()
+        if samples is not None and not os.path.exists(samples_path):
+            write_json(samples_path, samples)
+        return samples
+
+    # ------------------------------------------------------------------------- the stages, as the script trains them
+
+    def pending_stages(self):
+        """The stages not yet finished, in order. Before each is handed to the script: the stage's seed, the model
+        back to its shards (the evaluation passes leave the root gathered, and the stage's optimizer must see the
+        shards), and its clock."""
+        for stage in self.stages[self.done:]:
+            self.at = f"in stage {stage.k} ({stage.name})"
+            self.t0, self.first_line = time.time(), len(self.log.rows)
+            seed_all(self.seed, stage.k, stage.name)
+            reshard(self.lm)
+            yield stage
+
+    def finish_stage(self, stage):
+        """After the script trained a stage: evaluate everything, save the checkpoint, append the row and write
+        results.json; say what would mislead (a stage that trained nothing, a rising loss); stop a broken run."""
+        k, name, out, lm, res = stage.k, stage.name, self.out, self.lm, self.res
+        train_s = time.time() - self.t0
+        stage_rows = [r for r in self.log.rows[self.first_line:] if r.get("stage") == k and "step" in r]
+        seed_all(self.seed, "eval")
+        row = self.evaluate_row()
+        save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
+        lm.path = os.path.join(out, f"stage-{k}")
+        self.record_row(name, row)
+        res["stage_seconds"].append(round(train_s, 2))
+        if self.samples is not None and "kl_to_base" in res:
+            res["kl_to_base"].append([round(kl_to_base(lm, self.kl_items[t], self.samples[t], self.fmt, self.device), 6)
+                                      if t in self.samples else None for t in self.tasks])
+            res["general_ll"].append(general_loglik(lm, self.general_items(), self.fmt, self.device))
+        if rank() == 0:
+            write_json(self.res_path, res)
+            if not self.keep_stages and k > 1:
+                shutil.rmtree(os.path.join(out, f"stage-{k - 1}"), ignore_errors=True)
+        self.done = k
+        print0(f"  stage {k} trained in {train_s:.1f} s; {peak_memory(self.device)}")
+        for line in stage_warnings(stage_rows):
+            print0(f"warning: stage {k} ({name}): {line}")
+        if collapsed(res["acc"][0], res["acc"][-1]):
+            raise SystemExit(f"error: after stage {k} ({name}) every task reads 0 %, the base's tasks too: the model "
+                             f"is broken (the likely cause: --lr {self.lr} too high for this model). {self.res_path} "
+                             f"keeps the rows so far; rerun with a smaller --lr in a new --out.")
+
+    def diverged(self, error):
+        """The line for a stage whose loss, gradient norm, reward or logit stopped being finite."""
+        k = self.done + 1
+        name = self.stages[k - 1].name
+        last = self.log.last if hasattr(self, "log") else {}
+        step = last.get("step") if last.get("stage") == k else None
+        return (f"error: stage {k} ({name}) diverged {'after step ' + str(step) if step is not None else 'in its first step'}"
+                f": {error}. The likely cause is a learning rate too high for this model (--lr {self.lr}). "
+                f"{self.res_path} keeps the {k - 1} finished stage(s)" +
+                (f" and {os.path.join(self.out, f'stage-{k - 1}')}" if k > 1 else "") +
+                "; rerun with a smaller --lr in a new --out.")
+
+
+TRUNCATION_WARN = 0.10  # a reply cut at the budget scores as wrong: above this share the accuracy misleads
+
+
+def truncation_warning(name, truncated, budget):
+    """The warning for a row whose share of replies cut at the token budget is above TRUNCATION_WARN somewhere."""
+    cut = {c: t for c, t in truncated.items() if t is not None and t > TRUNCATION_WARN}
+    return [f"warning: [{name}] replies cut at the {budget}-token budget: " +
+            ", ".join(f"{c} {100 * t:.0f}%" for c, t in cut.items()) +
+            "; a cut reply usually scores as wrong: raise --eval_max_new_tokens"] if cut else []
+
+
+def open_log(path, done):
+    """The per-step log; only the finished stages' lines are kept: a killed stage is rerun from its start."""
+    if rank() == 0:
+        keep = [x for x in open(path)] if os.path.exists(path) and done else []
+        with open(path, "w") as f:
+            f.writelines(x for x in keep if json.loads(x).get("stage", 0) <= done)
+    return Log(path)
 
 
 def run_config(args, script):
@@ -214,123 +368,6 @@ def architecture_errors(checkpoint, model, advice):
     return []
 
 
-def base_row(lm, res, args, specs, kl_items, device):
-    """Row 0: the starting model's accuracy on every task, its samples for the KL, its general log-likelihood.
-    Each is the same in every run of a comparison that shares its settings, so each is computed once (cached)."""
-    seed_all(args.seed, "eval")
-    row = cached_base("row", args.model, args, str(device), lambda: evaluate_row(lm, args, specs, device),
-                      specs=specs, eval_tokens=args.eval_max_new_tokens)
-    record_row(res, "base", row, args)
-
-    def draw_samples():
-        seed_all(args.seed, "kl")
-        return {t: sample_base(lm, v, args.format, args.kl_samples, args.eval_max_new_tokens, device)
-                for t, v in kl_items.items()}
-    samples = cached_base("kl-samples", args.model, args, str(device), draw_samples, per_rank=True,
-                          tasks=sorted(kl_items), kl_n=args.kl_n, kl_samples=args.kl_samples, seed=args.seed,
-                          eval_tokens=args.eval_max_new_tokens)
-    res["kl_to_base"] = [[0.0 if t in kl_items else None for t in args.tasks]]
-    res["general_ll"] = [cached_base("general-ll", args.model, args, str(device),
-                                     lambda: general_loglik(lm, general_items(args), args.format, device),
-                                     general=list(args.general), kl_n=args.kl_n)]
-    return samples
-
-
-def evaluate_row(lm, args, specs, device):
-    acc, truncated = evaluate_all(lm, specs, args.format, device, eval_counts(args), args.eval_max_new_tokens,
-                                  args.eval_batch, args.eval_split)
-    return {"acc": acc, "truncated": truncated}
-
-
-def general_items(args):
-    """The general tasks' items for the gold log-likelihood: the first --kl_n of each task's evaluation items."""
-    return [eval_items(g, eval_counts(args)[g], args.eval_split)[:args.kl_n] for g in args.general]
-
-
-TRUNCATION_WARN = 0.10  # a reply cut at the budget scores as wrong: above this share the accuracy misleads
-
-
-def record_row(res, name, row, args):
-    """Append a row of the accuracy matrix (and its truncated shares) and say it, with a warning where more than
-    TRUNCATION_WARN of the replies hit the token budget."""
-    columns = res["columns"]
-    res["rows"].append(name)
-    res["acc"].append([row["acc"][c] for c in columns])
-    res.setdefault("truncated", []).append([row["truncated"].get(c) for c in columns])
-    print0(format_row(name, row["acc"], columns))
-    cut = {c: t for c, t in row["truncated"].items() if t is not None and t > TRUNCATION_WARN}
-    if cut:
-        print0(f"warning: [{name}] replies cut at the {args.eval_max_new_tokens}-token budget: " +
-               ", ".join(f"{c} {100 * t:.0f}%" for c, t in cut.items()) +
-               "; a cut reply usually scores as wrong: raise --eval_max_new_tokens")
-
-
-def keep_on_disk(out, res_path, res, samples, rank_):
-    """results.json now (the base row), and this rank's KL reference samples (read back when resuming)."""
-    samples_path = os.path.join(out, f"base-samples-rank{rank_}.json")
-    if samples is None and os.path.exists(samples_path):
-        with open(samples_path) as f:
-            samples = json.load(f)
-    if rank_ == 0:
-        write_json(res_path, res)
-    if is_dist():
-        dist.barrier()
-    if samples is not None and not os.path.exists(samples_path):
-        write_json(samples_path, samples)
-    return samples
-
-
-def open_log(path, done):
-    """The per-step log; only the finished stages' lines are kept: a killed stage is rerun from its start."""
-    if rank() == 0:
-        keep = [x for x in open(path)] if os.path.exists(path) and done else []
-        with open(path, "w") as f:
-            f.writelines(x for x in keep if json.loads(x).get("stage", 0) <= done)
-    return Log(path)
-
-
-def run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_items, samples, out, device):
-    """Train stage k, evaluate everything, save the checkpoint, append the row; stop a run that broke."""
-    t0 = time.time()
-    seed_all(args.seed, k, name)
-    first_line = len(log.rows)
-    reshard(lm)  # the evaluation passes leave the root gathered: the stage's optimizer must see the shards
-    try:
-        train_stage(lm, stage_specs, k, log)
-    except Diverged as e:
-        step = log.last.get("step") if log.last.get("stage") == k else None
-        raise SystemExit(
-            f"error: stage {k} ({name}) diverged {'after step ' + str(step) if step is not None else 'in its first step'}"
-            f": {e}. The likely cause is a learning rate too high for this model (--lr {args.lr}). "
-            f"{os.path.join(out, 'results.json')} keeps the {k - 1} finished stage(s)" +
-            (f" and {os.path.join(out, f'stage-{k - 1}')}" if k > 1 else "") +
-            "; rerun with a smaller --lr in a new --out.") from None
-    train_s = time.time() - t0
-    stage_rows = [r for r in log.rows[first_line:] if r.get("stage") == k and "step" in r]
-    seed_all(args.seed, "eval")
-    row = evaluate_row(lm, args, specs, device)
-    save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
-    lm.path = os.path.join(out, f"stage-{k}")
-    record_row(res, name, row, args)
-    res["stage_seconds"].append(round(train_s, 2))
-    if samples is not None and "kl_to_base" in res:
-        res["kl_to_base"].append([round(kl_to_base(lm, kl_items[t], samples[t], args.format, device), 6)
-                                  if t in samples else None for t in args.tasks])
-        res["general_ll"].append(general_loglik(lm, general_items(args), args.format, device))
-    if rank() == 0:
-        write_json(os.path.join(out, "results.json"), res)
-        if not args.keep_stages and k > 1:
-            shutil.rmtree(os.path.join(out, f"stage-{k - 1}"), ignore_errors=True)
-    print0(f"  stage {k} trained in {train_s:.1f} s; {peak_memory(device)}")
-    for line in stage_warnings(stage_rows):
-        print0(f"warning: stage {k} ({name}): {line}")
-    if collapsed(res["acc"][0], res["acc"][-1]):
-        raise SystemExit(f"error: after stage {k} ({name}) every task reads 0 %, the base's tasks too: the model is "
-                         f"broken (the likely cause: --lr {args.lr} too high for this model). "
-                         f"{os.path.join(out, 'results.json')} keeps the rows so far; rerun with a smaller --lr in a "
-                         f"new --out.")
-
-
 # ----------------------------------------------------------------------------- a run that learns nothing, or breaks
 
 LOSS_RISE = 2.0   # a stage's loss above twice its first value ...
@@ -385,7 +422,7 @@ def image_tokens(lm, specs):
     return out
 
 
-def cached_base(what, model, args, device, compute, per_rank=False, **setting):
+def cached_base(what, model, counts, fmt, split, device, compute, per_rank=False, **setting):
     """What the starting model gives is the same in every run of a comparison that shares these settings: the
     greedy base row ("row"), its KL reference samples (drawn with the run's seed, per rank), its general gold
     log-likelihoods. Compute each once per (model files, items, format, split, world, device, library versions,
@@ -396,7 +433,7 @@ def cached_base(what, model, args, device, compute, per_rank=False, **setting):
     names = [gguf] if gguf else os.listdir(folder)
     files = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
                    for f in names)
-    key = hashlib.sha256(repr((what, os.path.abspath(model), files, eval_counts(args), args.format, args.eval_split,
+    key = hashlib.sha256(repr((what, os.path.abspath(model), files, counts, fmt, split,
                                world(), rank() if per_rank else 0, torch.device(device).type,
                                str(torch.get_default_dtype()), torch.__version__, transformers.__version__,
                                sorted(setting.items()))).encode()).hexdigest()[:16]

@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from data.tasks import load_split, task_name
-from runtime import (all_sum, decode, equal_chunks, rank, rollout, sample, score_item, target_ids, token_logprobs,
-                     world)
+from rollouts import rollout, score_item
+from runtime import all_sum, decode, equal_chunks, rank, sample, target_ids, token_logprobs, world
 
 
 # ----------------------------------------------------------------------------- accuracy (greedy)
@@ -69,10 +69,11 @@ def sequence_logprobs(lm, pairs, fmt, device, filler, batch_size=64):
     return out
 
 
-def kl_estimate(base_logp, now_logp):
-    """Monte-Carlo forward KL(pi_base || pi) in nats per prompt: the mean over completions sampled from the base of
-    log pi_base(y|x) - log pi(y|x). Unbiased over whole completions (any length); 0 for the base itself."""
-    return sum(b - n for b, n in zip(base_logp, now_logp)) / len(base_logp)
+def kl_sum(base_logp, now_logp):
+    """Monte-Carlo forward KL(pi_base || pi), summed: over completions sampled from the base, the sum of
+    log pi_base(y|x) - log pi(y|x); divided by their count it is the KL in nats per prompt. Unbiased over whole
+    completions (any length); 0 for the base itself."""
+    return sum(b - n for b, n in zip(base_logp, now_logp))
 
 
 def sample_base(lm, items, fmt, n_samples, max_new_tokens, device, batch_size=256):
@@ -89,7 +90,7 @@ def kl_to_base(lm, items, samples, fmt, device):
     """The forward KL from the base to the current model on `items`, estimated on the base's own samples (summed
     over ranks)."""
     now = sequence_logprobs(lm, [(items[i], c) for i, c, _ in samples], fmt, device, (items[0], [lm.eos_id]))
-    total, n = all_sum([sum(lp - x for (_, _, lp), x in zip(samples, now)), len(samples)], device)
+    total, n = all_sum([kl_sum([lp for _, _, lp in samples], now), len(samples)], device)
     return total / n if n else None
 
 

@@ -7,7 +7,7 @@ In the order a run uses it:
      AutoModelForImageTextToText, text-only chat models through AutoModelForCausalLM; memory flags
   4. prompt encoding: chat template, image tokens expanded, mm_token_type_ids (M-RoPE is off without them)
   5. sampling and log-probs from one distribution: the tokens that must never be sampled masked out in both,
-     and no sampling setting of the checkpoint's own generation_config; rollouts scored by the task's verifier
+     and no sampling setting of the checkpoint's own generation_config
   6. FSDP2: fully_shard on every decoder / vision block, then the root (built on the meta device, filled from rank
      0's copy); full-state-dict checkpoints by rank 0
 """
@@ -28,8 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.rewards import FORMAT_INSTRUCTIONS, answer_text, restate, score
-from data.tasks import open_image
+from data.tasks import FORMAT_INSTRUCTIONS, answer_text, open_image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "data", "tiny-base")
@@ -161,6 +160,17 @@ class Log:
         if rank() == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **row}, allow_nan=False) + "\n")
+
+
+def optimizer_step(model, opt, grad_clip, loss):
+    """Clip the gradient norm, stop on a non-finite loss or norm before the weights move, step, clear the gradient.
+    Returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # an FSDP2 DTensor: the global norm
+    check_finite(loss=loss, grad_norm=norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
 
 
 class Diverged(Exception):
@@ -412,7 +422,7 @@ def to_device(batch, device):
 
 
 def target_ids(lm, answer, fmt):
-    """Token ids SFT teaches: the answer written in the run's format (rewards.answer_text), then end-of-turn."""
+    """Token ids SFT teaches: the answer written in the run's format (tasks.answer_text), then end-of-turn."""
     return lm.tok(answer_text(answer, fmt), add_special_tokens=False)["input_ids"] + [lm.eos_id]
 
 
@@ -539,12 +549,18 @@ def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
     with autocast(device):  # the positions the sampler used
         logits = lm.model(**batch, position_ids=prompt_positions(lm, batch), logits_to_keep=comp_len + 1,
                           use_cache=False).logits[:, :-1].float()
-    logits = mask_forbidden(logits, lm.forbidden) / temperature
-    targets = batch["input_ids"][:, prompt_len:]
-    logp = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
     comp_mask = comp_mask.to(device)
-    # padding targets are forbidden tokens (log p = -inf): zero them, since -inf * 0 would be NaN
-    return logp.masked_fill(comp_mask == 0, 0.0), comp_mask
+    return completion_logprobs(logits, batch["input_ids"][:, prompt_len:], comp_mask, lm.forbidden,
+                               temperature), comp_mask
+
+
+def completion_logprobs(logits, targets, comp_mask, forbidden, temperature):
+    """log pi(target) at every completion position, from its logits: the never-sampled tokens masked out and the
+    temperature applied, as in the sampler. Padding positions are zeroed: their targets are forbidden tokens
+    (log p = -inf), and -inf * 0 would be NaN."""
+    logits = mask_forbidden(logits, forbidden) / temperature
+    logp = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(comp_mask == 0, 0.0)
 
 
 def shared_prompt_logprobs(lm, items, fmt, completions, device, temperature=1.0):
@@ -577,9 +593,7 @@ def shared_prompt_logprobs(lm, items, fmt, completions, device, temperature=1.0)
             rest = lm.model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=start + steps,
                             use_cache=True, **{_cache_arg(lm.model): cache}).logits.float()
         logits = torch.cat([logits, rest], 1)
-    logits = mask_forbidden(logits, lm.forbidden) / temperature
-    logp = torch.gather(F.log_softmax(logits, -1), 2, ids.unsqueeze(-1)).squeeze(-1)
-    return logp.masked_fill(comp_mask == 0, 0.0), comp_mask
+    return completion_logprobs(logits, ids, comp_mask, lm.forbidden, temperature), comp_mask
 
 
 def autocast_dtype(device_type, distributed):
@@ -595,46 +609,6 @@ def autocast(device):
 
 def decode(lm, ids):
     return lm.tok.decode([i for i in ids if i != lm.eos_id], skip_special_tokens=False)
-
-
-def score_item(text, item, fmt):
-    """A completion's score against a task item: its gold answer, or any of its valid answers when it has several."""
-    return score(text, item["answer"], item["kind"], fmt, item.get("candidates", ()), item.get("valid", ()))
-
-
-def rollout(lm, items, fmt, k, temperature, max_new_tokens, device, batch_size=256):
-    """K sampled completions per item, scored by the item's verifier. One dict per item:
-    completions (token ids), texts, scores (rewards.Score), rewards, truncated flags. Generation runs in chunks
-    of whole groups; every rank runs the same number of chunks (FSDP), padding with a stand-in chunk if needed."""
-    assert items, "every rank needs at least one item to roll out"
-    out = []
-    for chunk, real in equal_chunks(items, max(1, batch_size // k), device, items[0]):
-        comps, trunc = sample(lm, chunk, fmt, max_new_tokens, temperature, device=device, n=k)
-        for i, it in enumerate(chunk if real else []):
-            cs, ts = comps[i * k:(i + 1) * k], trunc[i * k:(i + 1) * k]
-            texts = [decode(lm, x) for x in cs]
-            scores = [score_item(t, it, fmt) for t in texts]
-            rewards = [s.reward for s in scores]
-            if not all(map(math.isfinite, rewards)):
-                raise Diverged(f"non-finite reward {rewards}")
-            out.append({"item": it, "completions": cs, "texts": texts, "scores": scores, "rewards": rewards,
-                        "truncated": ts})
-    return out
-
-
-def restated_replies(lm, items, fmt, max_new_tokens, device, batch_size=256):
-    """(item, target ids) pairs for SFT's voice-only arm: each item's greedy reply from `lm` with the answer it gives
-    replaced by the item's canonical one (rewards.restate): the answer SFT data hold, in the model's own words. An
-    item whose reply states no single answer gives no pair."""
-    pairs = []
-    for chunk, real in equal_chunks(items, batch_size, device, items[0]):
-        comps, _ = sample(lm, chunk, fmt, max_new_tokens, greedy=True, device=device)
-        for it, comp in zip(chunk if real else [], comps):
-            said = restate(decode(lm, comp), it["answer"], it["kind"], [*it.get("valid", []),
-                                                                        *it.get("candidates", [])])
-            if said is not None:  # the reply keeps its format's wrapping (a boxed answer, tags): nothing to add
-                pairs.append((it, target_ids(lm, said, "plain")))
-    return pairs
 
 
 # ----------------------------------------------------------------------------- 6. FSDP2 and checkpoints

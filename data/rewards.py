@@ -28,14 +28,6 @@ from dataclasses import dataclass
 FORMATS = ("plain", "boxed", "tags", "free")
 KINDS = ("exact", "choice", "number", "perm")
 
-FORMAT_INSTRUCTIONS = {  # appended to the question so that a real chat model knows the format
-    "plain": "",
-    "boxed": " Think inside <think> </think>, then give the final answer in \\boxed{}.",
-    "tags": " Think inside <think> </think>, then give the final answer inside <answer> </answer>.",
-    "free": " Answer briefly.",  # a hint only: the reading below does not depend on it being followed
-}
-
-
 @dataclass
 class Score:
     correct: bool      # the answer is entirely right (what the accuracy matrix counts)
@@ -72,13 +64,6 @@ def _boxed_contents(text):
             return None
         out.append(text[i + len("\\boxed{"):j - 1])
         i = j
-
-
-def answer_text(answer, fmt):
-    """The inverse of extraction: how the gold answer is written in format `fmt` (what SFT teaches)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown answer format {fmt!r}; expected one of {FORMATS}")
-    return {"boxed": f"\\boxed{{{answer}}}", "tags": f"<answer>{answer}</answer>"}.get(fmt, answer)
 
 
 def extract_answer(text, fmt="plain"):

@@ -32,7 +32,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from data.rewards import KINDS, guess_kind, verify
+from data.rewards import FORMATS, KINDS, guess_kind, verify
 
 SIZE = 84
 COLORS = {"red": (215, 45, 40), "green": (40, 165, 70), "blue": (45, 85, 215), "yellow": (225, 195, 35),
@@ -328,6 +328,24 @@ def builtin_items(name, split, n, start=0, weak=False):
             item["valid"] = valid[0]
         out.append(item)
     return out
+
+
+# ----------------------------------------------------------------------------- how an item is asked and answered
+
+FORMAT_INSTRUCTIONS = {  # appended to the question so that a real chat model knows the format
+    "plain": "",
+    "boxed": " Think inside <think> </think>, then give the final answer in \\boxed{}.",
+    "tags": " Think inside <think> </think>, then give the final answer inside <answer> </answer>.",
+    "free": " Answer briefly.",  # a hint only: rewards.read_free does not depend on it being followed
+}
+
+
+def answer_text(answer, fmt):
+    """The inverse of extraction (rewards.extract_answer): how the gold answer is written in format `fmt` (what SFT
+    teaches)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown answer format {fmt!r}; expected one of {FORMATS}")
+    return {"boxed": f"\\boxed{{{answer}}}", "tags": f"<answer>{answer}</answer>"}.get(fmt, answer)
 
 
 # ----------------------------------------------------------------------------- user data (EasyR1-style JSONL)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runtime  # noqa: E402
 from cpt_rft import GRPOConfig, grpo_step  # noqa: E402
 from data.tasks import builtin_items  # noqa: E402
+from rollouts import score_item  # noqa: E402
 
 
 def smollm2():
@@ -45,7 +46,7 @@ def trl_trainer(lm, items, fmt, a, out, between):
 
     def reward(completions, index, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [runtime.score_item(t, items[i], fmt).reward for t, i in zip(texts, index)]
+        return [score_item(t, items[i], fmt).reward for t, i in zip(texts, index)]
 
     class Alternate(TrainerCallback):
         times, t0 = [], 0.0

@@ -90,7 +90,7 @@ def main():
     reads = runtime.all_sum([reads[0] if r == rank else 0 for r in range(world)], device)
     if rank == 0:
         torch.save({"losses": losses, "state": sd, "reads": reads}, os.path.join(a.out, f"world{world}.pt"))
-    # free the sharded models while the process group exists (as run_cpt does): left to interpreter teardown, a gloo
+    # free the sharded models while the process group exists (as loop.Run does): left to interpreter teardown, a gloo
     # rank sometimes aborted at exit ("terminate called without an active exception")
     b.model = ref.model = opt = None
     gc.collect()

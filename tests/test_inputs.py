@@ -122,19 +122,17 @@ def test_general_tasks_have_their_own_evaluation_count(tmp_path):
 def test_what_the_base_gives_is_computed_once_per_setting(tmp_path, monkeypatch):
     """cached_base: the same settings read the kept value back without computing; another seed (or rank, for
     per-rank values) is another entry."""
-    import argparse
     import loop
     import runtime
     monkeypatch.setattr(loop, "CACHE_DIR", str(tmp_path))
-    args = argparse.Namespace(tasks=["left_color"], general=["color"], eval_n=10, general_n=None, format="plain",
-                              eval_split="test")
+    counts = {"left_color": 10, "color": 10}
     calls = []
 
     def compute(value):
         return lambda: calls.append(value) or {"v": value}
 
-    get = lambda seed, value: loop.cached_base("kl-samples", runtime.DEFAULT_MODEL, args, "cpu",  # noqa: E731
-                                                 compute(value), per_rank=True, seed=seed)
+    get = lambda seed, value: loop.cached_base("kl-samples", runtime.DEFAULT_MODEL, counts, "plain", "test",  # noqa
+                                                 "cpu", compute(value), per_rank=True, seed=seed)
     assert get(0, 1) == {"v": 1} and get(0, 2) == {"v": 1}     # the second call reads the first one's value
     assert get(1, 3) == {"v": 3}                               # another seed: computed
     monkeypatch.setattr(loop, "rank", lambda: 1)

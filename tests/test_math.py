@@ -7,7 +7,7 @@ import torch
 
 import measure
 import runtime
-from filter import keep, pass_count_histogram, pass_rate, zero_variance
+from rollouts import keep, pass_count_histogram, pass_rate, zero_variance
 from cpt_rft import ADV_EPS, aggregate, clipped_token_loss, group_advantages, k3_kl, silent_groups
 from cpt_sft import sft_loss
 from evaluate import mean_std, metrics, pearson, variance_diagnostic
@@ -292,10 +292,10 @@ def test_kl_estimate_against_a_three_token_distribution_by_hand():
     logp = {0: math.log(0.5), 1: math.log(0.25), 2: math.log(0.25)}
     logq = {0: math.log(0.25), 1: math.log(0.5), 2: math.log(0.25)}
     draws = [0, 0, 1, 2]
-    est = measure.kl_estimate([logp[t] for t in draws], [logq[t] for t in draws])
+    est = measure.kl_sum([logp[t] for t in draws], [logq[t] for t in draws]) / len(draws)
     assert est == pytest.approx(0.1732868, abs=1e-7)
-    assert measure.kl_estimate([-1.0, -2.0], [-1.0, -2.0]) == 0.0       # the base against itself
-    assert measure.kl_estimate([-1.0, -3.0], [-2.0, -2.0]) == 0.0       # +1 and -1 nat: they cancel
+    assert measure.kl_sum([-1.0, -2.0], [-1.0, -2.0]) == 0.0            # the base against itself
+    assert measure.kl_sum([-1.0, -3.0], [-2.0, -2.0]) == 0.0            # +1 and -1 nat: they cancel
 
 
 def test_distance_metrics_read_results_rows():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import measure
+import rollouts
 import runtime
 from cpt_sft import sft_loss
 from data.tasks import builtin_items
@@ -212,7 +213,7 @@ def test_self_targets_are_exactly_the_correct_rollouts():
     from data.tasks import COLORS
     items = builtin_items("left_color", "test", 6)
     torch.manual_seed(3)
-    table = runtime.rollout(B, items, "free", 4, 1.0, 16, "cpu")
+    table = rollouts.rollout(B, items, "free", 4, 1.0, 16, "cpu")
     named = lambda text: {w.strip(".,!?").lower() for w in text.split()} & set(COLORS)
     right = [(row["item"]["answer"], c) for row in table for c in row["completions"]
              if named(runtime.decode(B, c)) == {row["item"]["answer"]}]
@@ -277,7 +278,7 @@ def test_voice_targets_are_the_greedy_replies_with_the_canonical_answer():
         if words and words[-1].rstrip(".").lower() in it["candidates"]:   # a reply that names a colour
             expect.append((it["answer"], " ".join(words[:-1] + [it["answer"] + "."])))
             changed += words[-1].rstrip(".").lower() != it["answer"]
-    pairs = runtime.restated_replies(B, items, "free", 16, "cpu")
+    pairs = rollouts.restated_replies(B, items, "free", 16, "cpu")
     assert len(pairs) >= 8 and changed >= 2   # most replies name a colour, and some not the canonical one
     assert [(it["answer"], runtime.decode(B, t)) for it, t in pairs] == expect
     assert all(t[-1] == B.eos_id for _, t in pairs)

@@ -13,7 +13,7 @@ TASKS, GENERAL = ["any_color", "circle_cell", "jigsaw"], ["color", "add"]
 
 
 def fake_run(folder, script, seed, multitask=False, sft_data="gold", lr=3e-05, kl_scale=1.0):
-    """A finished run's results.json as loop.run_cpt writes it (accuracies in [0, 1], KL in nats)."""
+    """A finished run's results.json as loop.Run writes it (accuracies in [0, 1], KL in nats)."""
     rnd = random.Random(f"{script}{seed}{multitask}{sft_data}{lr}")
     stages = ["multitask"] if multitask else TASKS
     acc = [[0.3, 0.2, 0.0, 0.95, 0.9]]

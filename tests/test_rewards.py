@@ -130,7 +130,8 @@ def test_score_combines_format_and_verifier():
 
 # ----------------------------------------------------------------------------- free text (--format free)
 
-from data.rewards import answer_text, chosen_letter, last_number, last_placement, named_candidates, read_free  # noqa
+from data.rewards import chosen_letter, last_number, last_placement, named_candidates, read_free  # noqa
+from data.tasks import answer_text  # noqa
 
 CAPITALS = ["Paris", "Rome", "Berlin", "New Delhi", "Delhi"]
 

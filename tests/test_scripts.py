@@ -10,6 +10,7 @@ import time
 
 import torch
 
+import rollouts
 import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +121,7 @@ def test_oracle_sft_learns_from_the_base_not_from_the_model_being_trained(tmp_pa
     for stage, task in ((1, "left_color"), (2, "top_color")):
         items = Stream([task], (0, stage)).next(4)  # the stage's first batch (seed 0, one process)
         greedy, _ = runtime.sample(base, items, "free", 64, greedy=True)
-        right = sum(runtime.score_item(runtime.decode(base, c), it, "free").correct for c, it in zip(greedy, items))
+        right = sum(rollouts.score_item(runtime.decode(base, c), it, "free").correct for c, it in zip(greedy, items))
         first = next(x for x in logs if x["stage"] == stage and x["step"] == 0)
         assert first.get("items", 0) == right, (stage, first, right)
 

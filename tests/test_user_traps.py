@@ -177,11 +177,10 @@ def test_a_train_file_inside_its_test_file_is_warned(tmp_path, capsys):
 
 
 def test_a_corrupt_or_edited_cache_file_is_named_and_recomputed(tmp_path, monkeypatch, capsys):
-    import argparse
     monkeypatch.setattr(loop, "CACHE_DIR", str(tmp_path))
-    args = argparse.Namespace(tasks=["left_color"], general=["color"], eval_n=10, general_n=None, format="plain",
-                              eval_split="test")
-    get = lambda value: loop.cached_base("row", runtime.DEFAULT_MODEL, args, "cpu", lambda: value)  # noqa: E731
+    counts = {"left_color": 10, "color": 10}
+    get = lambda value: loop.cached_base("row", runtime.DEFAULT_MODEL, counts, "plain", "test", "cpu",  # noqa: E731
+                                         lambda: value)
     assert get({"acc": 1}) == {"acc": 1} and get({"acc": 2}) == {"acc": 1}
     (path,) = [os.path.join(tmp_path, p) for p in os.listdir(tmp_path)]
     open(path, "w").write('{"sha256": "')                           # cut short

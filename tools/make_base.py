@@ -4,7 +4,7 @@
      and a Qwen-style chat template;
   2. Qwen2VLImageProcessor for 84x84 images (9 image tokens each);
   3. a small Qwen2_5_VLConfig: the real Qwen2.5-VL architecture (M-RoPE, windowed vision blocks, 2x2 merger)
-     at toy width, about 1.5M parameters;
+     at toy width, about 1.66M parameters;
   4. pre-training with the project's SFT loss on the general tasks until they are mastered, plus "weak exposure"
      to the CPT tasks: the one-answer tasks' questions with a plausible answer that ignores the task's rule (a colour
      or shape that is in the picture, a random permutation), so the base knows the answer's form but not the skill
