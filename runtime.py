@@ -38,16 +38,23 @@ DEFAULT_MODEL = os.path.join(ROOT, "data", "tiny-base")
 # ----------------------------------------------------------------------------- 1. distributed set-up
 
 def init_dist():
-    """(rank, world, device). Under torchrun: a process group (NCCL on GPU, gloo on CPU); else a single process."""
+    """(rank, world, device). Under torchrun: a process group (gloo on CPU; on GPU NCCL for CUDA tensors and gloo
+    for CPU ones, so that a collective on a CPU tensor, as loading a model on the CPU does, works there too); else a
+    single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if is_dist():
             return dist.get_rank(), dist.get_world_size(), _device()
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(process_group_backend(cuda), timeout=datetime.timedelta(minutes=30))
         return dist.get_rank(), dist.get_world_size(), _device()
     return 0, 1, _device()
+
+
+def process_group_backend(cuda):
+    """torch.distributed's backend string: one backend per device type ("cpu:gloo,cuda:nccl"), or gloo alone."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def _device():
@@ -203,17 +210,11 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     """Load any HF checkpoint folder or .gguf file (dequantised). A config with a vision tower is a VLM (tokenizer
     + image processor); anything else is a text-only causal LM. Under torchrun the model comes back FSDP2-sharded,
     and only rank 0 ever reads (or holds) the whole of it (`_load_sharded`). grad_ckpt: activation checkpointing."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     cfg = model_config(path)
     folder, gguf = split_model_path(path)
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(folder, **kw)
-    tok.padding_side = "left"
-    if tok.chat_template is None:
-        raise ValueError(f"--model {path}: the tokenizer has no chat template; use a chat/instruct checkpoint")
-    # The Qwen2.5-VL processor class needs torchvision (for video) even for images, so the tokenizer and image
-    # processor are composed here exactly as the processor does (see `encode`).
-    improc = AutoImageProcessor.from_pretrained(folder) if is_vlm_config(cfg) else None
+    tok, improc = load_processors(path)
     cls = AutoModelForImageTextToText if is_vlm_config(cfg) else AutoModelForCausalLM
     if is_dist():
         model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt)
@@ -224,6 +225,19 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False):
     lm = Bundle(model, tok, improc)
     lm.path = path
     return lm
+
+
+def load_processors(path):
+    """(tokenizer, image processor or None) of a checkpoint, without its weights. The Qwen2.5-VL processor class
+    needs torchvision (for video) even for images, so the tokenizer and image processor are composed here exactly
+    as the processor does (see `encode`)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    folder, gguf = split_model_path(path)
+    tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    tok.padding_side = "left"
+    if tok.chat_template is None:
+        raise ValueError(f"--model {path}: the tokenizer has no chat template; use a chat/instruct checkpoint")
+    return tok, AutoImageProcessor.from_pretrained(folder) if is_vlm_config(model_config(path)) else None
 
 
 def _from_pretrained(cls, path, folder, dtype, kw):

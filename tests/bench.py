@@ -53,25 +53,31 @@ def gpu_peak(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def shape_config(shape):
+    """The config of a real shape, built fresh from the tiny base's (its token ids) with the shape's sizes. Fresh, not
+    edited: a config derives lists from its sizes when built (transformers 5.17+ keeps one `layer_types` entry per
+    decoder layer), and an edited num_hidden_layers would leave the tiny base's 4-entry list behind."""
+    from transformers import Qwen2_5_VLConfig
+    base = Qwen2_5_VLConfig.from_pretrained(runtime.DEFAULT_MODEL).to_dict()
+    s = SHAPES[shape]
+    text = {k: v for k, v in base["text_config"].items() if k != "layer_types"}
+    text.update(s["text"], rope_parameters={**text["rope_parameters"], "mrope_section": [16, 24, 24]})  # head_dim 128
+    vision = {**base["vision_config"], **s["vision"]}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=s["text"]["tie_word_embeddings"],
+                            **{k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                    "vision_end_token_id")})
+
+
 def build(shape, device, grad_ckpt=False):
-    """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer."""
+    """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer and image
+    processor (no tiny model is loaded for them: under a GPU torchrun it would be sharded on the CPU)."""
     if shape == "tiny":
         return runtime.load_model(runtime.DEFAULT_MODEL, device, grad_ckpt=grad_ckpt)
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-    cfg = AutoConfig.from_pretrained(runtime.DEFAULT_MODEL)
-    s = SHAPES[shape]
-    for k, v in s["text"].items():
-        setattr(cfg.text_config, k, v)
-    for k, v in s["vision"].items():
-        setattr(cfg.vision_config, k, v)
-    cfg.tie_word_embeddings = s["text"]["tie_word_embeddings"]
-    cfg.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # head_dim 128
+    from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
-    b = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")  # its tokenizer and image processor
-    b.model = model
-    return b
+        model = Qwen2_5_VLForConditionalGeneration(shape_config(shape))
+    return runtime.Bundle(model, *runtime.load_processors(runtime.DEFAULT_MODEL))
 
 
 def main():
@@ -89,7 +95,7 @@ def main():
     b = build(a.shape, device, a.grad_ckpt)
     if a.shape != "tiny":  # the tiny base came through load_model, already sharded and checkpointed as asked
         if a.grad_ckpt:
-            b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            runtime.enable_activation_checkpointing(b.model)
         if runtime.is_dist():
             runtime.shard_model(b.model, device)
     runtime.configure(b, a.image ** 2, a.image ** 2)

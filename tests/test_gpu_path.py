@@ -44,3 +44,41 @@ def test_pixel_flags_change_image_tokens_and_grad_ckpt_runs():
     logp, mask = runtime.token_logprobs(b, items, "plain", [[b.eos_id]] * 2, "cpu")
     (-(logp * mask).sum()).backward()
     assert b.model.lm_head.weight.grad is not None
+
+
+# Parameters of the released Qwen2.5-VL checkpoints, worked out by hand from their config.json shapes:
+#   decoder layer: q (d*d + d) + k, v (d*kv + kv each, kv = KV heads x 128) + o (d*d) + MLP (3*d*ff) + 2 norms (2*d)
+#     3B: d 2048, ff 11008, kv 256:  4,196,352 + 2*524,544 + 4,194,304 + 67,633,152 + 4,096 = 77,076,992; x 36 layers
+#     7B: d 3584, ff 18944, kv 512: 12,848,640 + 2*1,835,520 + 12,845,056 + 203,685,888 + 7,168 = 233,057,792; x 28
+#   text = layers + embedding (vocab*d; 3B ties the LM head to it, 7B has its own) + final norm (d)
+#     3B: 2,774,771,712 + 151,936*2048 + 2048 = 3,085,938,688
+#     7B: 6,525,618,176 + 2*152,064*3584 + 3584 = 7,615,616,512
+#   vision: patch conv 3*2*14*14*1280 = 1,505,280; 32 blocks of 2 norms (2,560) + qkv (1280*3840 + 3840) + proj
+#     (1280*1280 + 1280) + MLP with biases (2*(1280*3420 + 3420) + 3420*1280 + 1280) = 19,702,200 each, 630,470,400;
+#     merger: norm 1280 + (5120*5120 + 5120) + (5120*out + out), out = the text width: 36,708,608 (3B), 44,574,464 (7B)
+#     3B: 668,684,288; 7B: 676,550,144
+REAL_PARAMS = {"3b": (3_085_938_688, 668_684_288), "7b": (7_615_616_512, 676_550_144)}  # 3.75 B and 8.29 B in all
+
+
+@pytest.mark.parametrize("shape", ["3b", "7b"])
+def test_the_bench_builds_the_real_shapes_with_their_parameter_counts(shape):
+    """tests/bench.py's 3B and 7B shapes, built on the meta device (no memory): every layer builds (an edited config
+    kept the tiny base's 4 layer types and failed at layer 5) and the counts are the released checkpoints'."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from tests.bench import shape_config
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(shape_config(shape))
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    text = sum(p.numel() for p in model.parameters()) - vision
+    assert (text, vision) == REAL_PARAMS[shape]
+    assert len(model.config.text_config.layer_types) == model.config.text_config.num_hidden_layers
+
+
+def test_a_gpu_process_group_has_a_backend_for_cpu_tensors():
+    """Under a GPU torchrun a collective on a CPU tensor (loading a model on the CPU broadcasts its buffers) needs a
+    CPU backend: an NCCL-only group fails with "No backend type associated with device type cpu". Read back the
+    way torch.distributed parses the string (NCCL itself is not in a CPU build of torch)."""
+    from torch.distributed.distributed_c10d import BackendConfig
+    assert BackendConfig(runtime.process_group_backend(cuda=True)).get_device_backend_map() == \
+        {"cpu": "gloo", "cuda": "nccl"}
+    assert runtime.process_group_backend(cuda=False) == "gloo"

@@ -13,7 +13,8 @@ import torch
 import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# the runs these tests start are CPU runs (gloo ranks, fp32 numbers), on a machine with a GPU too
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
 TINY = ["--tasks", "left_color", "top_color", "--general", "color", "add", "--eval_n", "24", "--steps", "2",
         "--batch_size", "4"]
 
