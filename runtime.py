@@ -409,15 +409,24 @@ def mask_forbidden(logits, forbidden):
     return logits
 
 
-def next_token(logits, forbidden, temperature=1.0, greedy=False):
-    """One decoding step, [B, V] logits -> [B] token ids: the never-sampled tokens masked out (as in the loss),
-    then argmax (greedy) or a draw from softmax(logits / temperature): pi(y_t), exactly what token_logprobs scores."""
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
-    logits = mask_forbidden(logits, forbidden)
+def forbidden_bias(forbidden, vocab, device):
+    """[V]: 0, and -inf on the never-sampled tokens. Added to logits it masks them exactly as mask_forbidden does
+    (x + 0 is x), in one op per decoding step instead of a copy and an indexed write."""
+    bias = torch.zeros(vocab, device=device)
+    bias[list(forbidden)] = float("-inf")
+    return bias
+
+
+def next_token(logits, ban, temperature=1.0, greedy=False):
+    """One decoding step, [B, V] logits -> ([B] token ids, [B] broken flags): the never-sampled tokens masked out
+    (`ban`, from forbidden_bias; as in the loss), then argmax (greedy) or a draw from softmax(logits / temperature):
+    pi(y_t), exactly what token_logprobs scores. No host sync: a row whose logits are NaN or +inf is flagged for the
+    caller to raise Diverged on, and drawn from finite stand-ins meanwhile (a NaN would make the draw itself fail)."""
+    broken = (logits.isnan() | logits.isposinf()).any(-1)
+    logits = logits.nan_to_num(0.0, posinf=0.0, neginf=float("-inf")) + ban
     if greedy:
-        return logits.argmax(-1)
-    return torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)
+        return logits.argmax(-1), broken
+    return torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1), broken
 
 
 def text_positions(mask):
@@ -470,17 +479,59 @@ def _kv_cache(out):
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
+# A GPU decoding step is launch-bound, not compute-bound: it runs at memory speed only without host syncs and, best,
+# as one CUDA graph. On CUDA the sampler therefore decodes into a preallocated (static) KV cache and checks for the
+# stop every STOP_EVERY steps; CPT_COMPILE_DECODE=1 also compiles the one-token step with
+# torch.compile(mode="reduce-overhead") (CUDA graphs; single process only, not under FSDP). On CPU a sync costs
+# nothing and attention over a fixed-size cache only adds work, so the CPU keeps the growing cache and checks every
+# step (which also keeps its samples, random draws included, what they were).
+STOP_EVERY = 8
+_compiled_step = None
+
+
+def decode_plan(device, static=None):
+    """(static cache?, steps between stop checks, compiled step?) of a rollout on `device`; `static` overrides."""
+    cuda = torch.device(device).type == "cuda"
+    static = cuda if static is None else static
+    compiled = cuda and static and not is_dist() and os.environ.get("CPT_COMPILE_DECODE") == "1"
+    return static, STOP_EVERY if cuda else 1, compiled
+
+
+def static_cache(model, cache, length):
+    """The prefill's KV cache copied into a preallocated one of `length` positions (transformers' StaticCache): the
+    decoding steps then write in place into fixed tensors, as a CUDA graph needs; attention reads all `length`
+    positions, the unwritten ones masked out."""
+    from transformers import StaticCache
+    static = StaticCache(config=model.config, max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        where = torch.arange(layer.keys.shape[-2], device=layer.keys.device)  # older 5.x versions ask for it
+        static.update(layer.keys, layer.values, i, {"cache_position": where})
+    return static
+
+
+def one_token(model, cache_arg, token, mask, pos, cache):
+    """The decoding step: one token per sequence through the model, on top of the cache; its next-token logits."""
+    out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True,
+                **{cache_arg: cache})
+    return out.logits[:, -1].float()
+
+
 @torch.no_grad()
-def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1):
+def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1, static=None):
     """n completions per item (item-major: item 0's n, then item 1's), written out: each prompt is encoded and
     prefilled once (images included), the KV cache is repeated n times, then token by token next_token until every
     sequence has ended its turn or the budget is spent. Returns (token-id lists ending at EOS, or cut: truncated
-    flags). Under torchrun every rank steps until all ranks are done (one small collective per step), as FSDP
-    needs the same forwards on every rank."""
+    flags). Under torchrun every rank steps until all ranks are done (one small collective per stop check), as FSDP
+    needs the same forwards on every rank. `static`: the preallocated KV cache on or off (default: decode_plan's)."""
+    global _compiled_step
     model = lm.model
     batch = to_device(encode(lm, items, fmt)[0], device)
-    mask = batch["attention_mask"]
     pos = prompt_positions(lm, batch)
+    static, stop_every, compiled = decode_plan(device, static)
+    step = one_token
+    if compiled:
+        _compiled_step = _compiled_step or torch.compile(one_token, mode="reduce-overhead")
+        step = _compiled_step
     was_training = model.training
     model.eval()
     with gathered(model), autocast(device):
@@ -488,29 +539,46 @@ def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device
         cache, logits = _kv_cache(out), out.logits[:, -1].float()
         if n > 1:  # the samples of one prompt share its prefill
             cache.batch_repeat_interleave(n)
-            logits, mask, pos = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), \
-                pos.repeat_interleave(n, -2)
+            logits, pos = logits.repeat_interleave(n, 0), pos.repeat_interleave(n, -2)
+        prompt_len = batch["attention_mask"].shape[1]
+        length = prompt_len + max_new_tokens
+        if static:  # rounded up: fewer distinct shapes for a compiled step
+            length = -(-length // 128) * 128
+            cache = static_cache(model, cache, length)
+        # the rollout's attention mask, allocated once: the prompts', then one column per new token
+        mask = F.pad(batch["attention_mask"].repeat_interleave(n, 0), (0, length - prompt_len))
         next_pos = pos.amax(-1, keepdim=True) + 1  # [B, 1] or [3, B, 1]: right after the prompt's last token
+        ban = forbidden_bias(lm.forbidden, logits.shape[-1], logits.device)
+        tokens = torch.full((logits.shape[0], max_new_tokens), lm.pad_id, dtype=torch.long, device=logits.device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        steps = []
+        broken = torch.zeros_like(done)
+        cache_arg = _cache_arg(model)
         for t in range(max_new_tokens):
-            token = next_token(logits, lm.forbidden, temperature, greedy).masked_fill(done, lm.pad_id)
-            steps.append(token)
+            token, bad = next_token(logits, ban, temperature, greedy)
+            tokens[:, t] = token.masked_fill_(done, lm.pad_id)
+            broken |= bad
             done |= token == lm.eos_id
-            busy = float(not done.all())  # under torchrun: until every rank is done (FSDP needs the same forwards)
-            if t + 1 == max_new_tokens or (all_max(busy, device) if is_dist() else busy) == 0:
+            if t + 1 == max_new_tokens or ((t + 1) % stop_every == 0 and not _busy(done, device)):
                 break
-            mask = torch.cat([mask, (~done).long().unsqueeze(1)], 1)
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
-                        **{_cache_arg(model): cache})
-            logits, next_pos = out.logits[:, -1].float(), next_pos + 1  # the cache grew in place
+            mask[:, prompt_len + t] = ~done
+            # a growing cache attends to the mask's filled part (a view); a static one to all of it
+            logits = step(model, cache_arg, token, mask if static else mask[:, :prompt_len + t + 1], next_pos, cache)
+            next_pos = next_pos + 1
+        if broken.any():
+            raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
     model.train(was_training)
     comps, truncated = [], []
-    for row in torch.stack(steps, 1).tolist():
+    for row in tokens[:, :t + 1].tolist():
         ended = lm.eos_id in row
         comps.append(row[:row.index(lm.eos_id) + 1] if ended else row)
         truncated.append(not ended)
     return comps, truncated
+
+
+def _busy(done, device):
+    """Whether any sequence is still going, on any rank (FSDP needs the same forwards on every rank): a host sync."""
+    busy = float(not done.all())
+    return (all_max(busy, device) if is_dist() else busy) > 0
 
 
 def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):
