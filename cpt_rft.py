@@ -328,7 +328,7 @@ def main(argv=None):
         if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
             ref = runtime.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
             ref.model.requires_grad_(False).eval()
-        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        opt = runtime.adamw(lm.model, args.lr, args.weight_decay, device)
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
         stream, steps = Stream(specs, (args.seed, stage)), args.steps * len(specs)
         if args.rif != "none":

@@ -105,7 +105,7 @@ def main(argv=None):
         if args.sft_data == "oracle" and not base:
             base.append(runtime.load_model(args.model, device))
             base[0].model.requires_grad_(False).eval()
-        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        opt = runtime.adamw(lm.model, args.lr, args.weight_decay, device)
         stream = Stream(specs, (args.seed, stage))
         lm.model.train()
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks

@@ -11,6 +11,7 @@ In the order a run uses it:
   6. FSDP2: fully_shard on every decoder / vision block, then the root (built on the meta device, filled from rank
      0's copy); full-state-dict checkpoints by rank 0
 """
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -175,6 +176,7 @@ class Bundle:
         self.forbidden = sorted({i for i in ids + [tok.pad_token_id] if i is not None and i != self.eos_id})
         self.image_token = "<|image_pad|>"
         self.path = None  # the folder the current weights were loaded from or last saved to
+        self.pixels = collections.OrderedDict()  # image entry's id -> (entry, pixel values, grid): see _pixels
 
 
 def split_model_path(path):
@@ -307,6 +309,17 @@ def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt):
     return model
 
 
+def adamw_options(device):
+    """AdamW's implementation on a device: fused (one kernel over all parameters, not a loop of launches) on CUDA;
+    torch's default on CPU, which keeps CPU runs' numbers."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
+def adamw(model, lr, weight_decay, device):
+    """The training scripts' optimizer. Build it after reshard(lm) (see there)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **adamw_options(device))
+
+
 def configure(lm, min_pixels=None, max_pixels=None):
     """The image processor's pixel bounds (image tokens grow with pixels / 784)."""
     if lm.improc is not None and (min_pixels or max_pixels):
@@ -371,18 +384,35 @@ def encode(lm, items, fmt, completions=None):
     return out, prompt_len, comp_mask
 
 
+PIXEL_CACHE_BYTES = 64 * 2**20  # pixel values a Bundle keeps: a step's images (a GRPO step encodes each prompt 2-3
+# times), not an evaluation's thousands
+
+
 def _pixels(lm, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
-    once: a GRPO batch repeats every prompt's image G times."""
+    once: a GRPO batch repeats every prompt's image G times, and a step encodes its prompts for the rollout and
+    again for the update, so the values of the images used last are kept, up to PIXEL_CACHE_BYTES (the image
+    processor runs on the CPU, in the way of a GPU step). An entry is kept with its values, so that its id names it
+    while cached."""
+    size = repr(lm.improc.size)  # configure() changes it: other pixels
     todo = {}
     for entry, where in images:
-        todo.setdefault(id(entry), (entry, where))
-    vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
-    grid = vis["image_grid_thw"]
-    done = dict(zip(todo, zip(vis["pixel_values"].split(grid.prod(-1).tolist()), grid)))
-    order = [id(entry) for entry, _ in images]
-    return {"pixel_values": torch.cat([done[k][0] for k in order]),
-            "image_grid_thw": torch.stack([done[k][1] for k in order])}
+        if (id(entry), size) not in lm.pixels:
+            todo.setdefault(id(entry), (entry, where))
+    if todo:
+        vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
+        grid = vis["image_grid_thw"]
+        for (entry, _), pv, g in zip(todo.values(), vis["pixel_values"].split(grid.prod(-1).tolist()), grid):
+            lm.pixels[id(entry), size] = (entry, pv, g)
+    keys = [(id(entry), size) for entry, _ in images]
+    out = {"pixel_values": torch.cat([lm.pixels[k][1] for k in keys]),
+           "image_grid_thw": torch.stack([lm.pixels[k][2] for k in keys])}
+    for k in keys:
+        lm.pixels.move_to_end(k)
+    held = sum(v[1].nbytes for v in lm.pixels.values())
+    while held > PIXEL_CACHE_BYTES:
+        held -= lm.pixels.popitem(last=False)[1][1].nbytes
+    return out
 
 
 def _expand_images(text, token, counts):

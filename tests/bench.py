@@ -106,7 +106,7 @@ def main():
     n_vis = sum(q.numel() for q in b.model.model.visual.parameters())
     n_text = sum(q.numel() for q in lm.parameters()) - lm.embed_tokens.weight.numel() + b.model.lm_head.weight.numel()
     cfg = b.model.config.text_config
-    opt = torch.optim.AdamW(b.model.parameters(), lr=1e-6)
+    opt = runtime.adamw(b.model, 1e-6, 0.01, device)
     answer = [list(range(10, 10 + a.answer_len))] * a.batch
     peak = gpu_peak(device)
     sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)

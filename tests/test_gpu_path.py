@@ -82,3 +82,27 @@ def test_a_gpu_process_group_has_a_backend_for_cpu_tensors():
     assert BackendConfig(runtime.process_group_backend(cuda=True)).get_device_backend_map() == \
         {"cpu": "gloo", "cuda": "nccl"}
     assert runtime.process_group_backend(cuda=False) == "gloo"
+
+
+def test_an_items_pixel_values_are_computed_once_and_equal(monkeypatch):
+    """The image processor runs once per image for repeated encodes (a GRPO step's rollout, then its update), gives
+    the values it gave before, and runs again when the pixel bounds change."""
+    b = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
+    items = builtin_items("color", "test", 3)
+    fresh = runtime.encode(b, items, "plain")[0]["pixel_values"]
+    calls = []
+    process = b.improc.__class__.__call__
+    monkeypatch.setattr(b.improc.__class__, "__call__", lambda self, **kw: calls.append(len(kw["images"])) or
+                        process(self, **kw))
+    again = runtime.encode(b, [items[0]] * 4 + items, "plain")[0]
+    assert calls == [] and torch.equal(again["pixel_values"][-fresh.shape[0]:], fresh)
+    runtime.configure(b, min_pixels=168 * 168, max_pixels=168 * 168)
+    assert runtime.encode(b, items, "plain")[0]["pixel_values"].shape[0] == 4 * fresh.shape[0] and calls == [3]
+
+
+def test_adamw_is_fused_on_cuda_and_torchs_default_on_cpu():
+    assert runtime.adamw_options("cuda") == {"fused": True} and runtime.adamw_options(torch.device("cuda", 1)) == \
+        {"fused": True}
+    assert runtime.adamw_options("cpu") == {}
+    opt = runtime.adamw(torch.nn.Linear(2, 2), 1e-3, 0.01, "cpu")
+    assert not opt.defaults["fused"] and opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.01
