@@ -403,7 +403,7 @@ def _pixels(lm, images):
         vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
         grid = vis["image_grid_thw"]
         for (entry, _), pv, g in zip(todo.values(), vis["pixel_values"].split(grid.prod(-1).tolist()), grid):
-            lm.pixels[id(entry), size] = (entry, pv, g)
+            lm.pixels[id(entry), size] = (entry, pv.clone(), g)  # a copy: a view would hold the whole batch
     keys = [(id(entry), size) for entry, _ in images]
     out = {"pixel_values": torch.cat([lm.pixels[k][1] for k in keys]),
            "image_grid_thw": torch.stack([lm.pixels[k][2] for k in keys])}
