@@ -232,14 +232,18 @@ def grpo_update(lm, ref, opt, seqs, args, device, filler=None, normaliser_extra=
             "kl": runtime.all_sum([kl_sum], device)[0] / n_tokens / args.ppo_epochs}
 
 
+def shares_prompt(model):
+    """Whether the update forwards each group's prompt once (see _logp)."""
+    return not runtime.is_dist() and not runtime.is_activation_checkpointing(model)
+
+
 def _logp(lm, micro_batch, args, device):
     """Per-token log-probs, completion mask and advantages of a micro-batch of (item, completion, advantage).
     A group's completions follow each other, so each prompt is forwarded once for all of them
     (runtime.shared_prompt_logprobs: the same log-probs and gradient as forwarding it G times). Activation
     checkpointing turns the KV cache off, and FSDP2 is not yet checked with a forward split in two: those repeat
     the prompt."""
-    shared = not runtime.is_dist() and not runtime.is_activation_checkpointing(lm.model)
-    scorer = runtime.shared_prompt_logprobs if shared else runtime.token_logprobs
+    scorer = runtime.shared_prompt_logprobs if shares_prompt(lm.model) else runtime.token_logprobs
     logp, mask = scorer(lm, [s[0] for s in micro_batch], args.format, [s[1] for s in micro_batch], device,
                         args.temperature)
     return logp, mask, torch.tensor([s[2] for s in micro_batch], device=device)

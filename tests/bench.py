@@ -46,6 +46,24 @@ def decode_bound_steps_per_s(weight_bytes, kv_bytes, bandwidth):
     return bandwidth / (weight_bytes + kv_bytes)
 
 
+def mbu(steps_per_s, weight_bytes, kv_bytes, bandwidth):
+    """Memory-bandwidth utilisation of a decode: the bytes a step must read, times steps per second, over the
+    memory bandwidth (1.0: at the bound)."""
+    return steps_per_s / decode_bound_steps_per_s(weight_bytes, kv_bytes, bandwidth)
+
+
+def kv_bytes(layers, kv_heads, head_dim, context, seqs, bytes_per=2):
+    """The KV cache a decoding step reads: K and V of every layer, KV head and position, for every sequence."""
+    return 2 * layers * kv_heads * head_dim * context * seqs * bytes_per
+
+
+def update_work(prompts, group, prompt_len, completion_tokens, patches_per_prompt, shared):
+    """(tokens, image patches) a GRPO update forwards and backpropagates: with the shared prompt (one forward per
+    group, runtime.shared_prompt_logprobs) each prompt once; else each of the group's G sequences repeats it."""
+    copies = prompts if shared else prompts * group
+    return copies * prompt_len + completion_tokens, copies * patches_per_prompt
+
+
 def gpu_peak(device):
     if torch.device(device).type != "cuda":
         return None
@@ -80,6 +98,31 @@ def build(shape, device, grad_ckpt=False):
     return runtime.Bundle(model, *runtime.load_processors(runtime.DEFAULT_MODEL))
 
 
+def decode_rate(b, items, n_prompts, group, new, device, sync, bandwidth, n_text, cfg, prompt_len):
+    """Decoding steps per second of a rollout of n_prompts x group sequences, the prefill taken out (a rollout of
+    one token timed as well), and its memory-bandwidth utilisation where the GPU's bandwidth is known."""
+    prompts = (items * n_prompts)[:n_prompts]
+
+    def timed(tokens):
+        runtime.sample(b, prompts, "plain", tokens, device=device, n=group)  # warm-up (and a compiled step's compile)
+        sync()
+        t0 = time.time()
+        comps, _ = runtime.sample(b, prompts, "plain", tokens, device=device, n=group)
+        sync()
+        return time.time() - t0, max(map(len, comps))
+
+    t_prefill, _ = timed(1)
+    t_all, steps = timed(new)
+    rate = (steps - 1) / max(t_all - t_prefill, 1e-9)
+    line = (f"decode {n_prompts} prompts x G={group} x {new} new tokens: {rate:.1f} steps/s, "
+            f"{rate * n_prompts * group:,.0f} tokens/s (prefill {t_prefill:.3f} s)")
+    if bandwidth:
+        kv = kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                      prompt_len + new // 2, n_prompts * group)  # bf16, at the decode's mean context
+        line += f"; MBU {100 * mbu(rate, n_text * 2, kv, bandwidth):.1f}% of the memory-bandwidth bound"
+    runtime.print0(line + f" [{'compiled' if runtime.decode_plan(device)[2] else 'eager'} step]")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="tiny", choices=["tiny", "3b", "7b"])
@@ -90,6 +133,8 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=64, help="GRPO rollout length")
     p.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 patches, 64 tokens)")
     p.add_argument("--grad_ckpt", action="store_true")
+    p.add_argument("--rollout", default="8x8x256",
+                   help="a realistic rollout measured too, PROMPTSxGxNEW_TOKENS ('' for none)")
     a = p.parse_args()
     _, world, device = runtime.init_dist()
     b = build(a.shape, device, a.grad_ckpt)
@@ -134,10 +179,10 @@ def main():
                   f"{tokens * world / dt:,.0f} tokens/s" + (f", MFU {100 * mfu(flops, dt, peak, world):.1f}%"
                                                              if peak else ", MFU n/a (no known GPU peak)"))
     # GRPO: rollout (generate G per prompt) + one update on all G x batch sequences
-    from cpt_rft import GRPOConfig, grpo_update
+    from cpt_rft import GRPOConfig, grpo_update, shares_prompt
     args = GRPOConfig(micro_batch=a.batch, max_new_tokens=a.max_new_tokens)
     prompts = items[:max(1, a.batch // a.group)]
-    t_roll = t_upd = gen = decode_steps = 0
+    t_roll = t_upd = comp_tokens = 0
     for step in range(a.steps + 1):
         sync()
         t0 = time.time()
@@ -151,22 +196,26 @@ def main():
         if step:  # the first is warm-up
             t_roll += t1 - t0
             t_upd += time.time() - t1
-            gen += sum(len(c) for c in comps)
-            decode_steps += max(map(len, comps))
+            comp_tokens += sum(len(c) for c in comps)
     n = a.steps
+    prompt_batch = runtime.encode(b, prompts[:1], "plain")[0]
+    shared = shares_prompt(b.model)
+    upd_tokens, upd_patches = update_work(len(prompts), a.group, prompt_batch["input_ids"].shape[1], comp_tokens / n,
+                                          prompt_batch["pixel_values"].shape[0], shared)
+    upd_flops = train_flops(n_text, n_vis, cfg.num_hidden_layers, cfg.hidden_size, upd_tokens,
+                            prompt_batch["input_ids"].shape[1] + a.max_new_tokens, upd_patches) * world
     runtime.print0(f"GRPO {len(prompts)} prompts x G={a.group}, {a.max_new_tokens} new tokens: rollout "
-                  f"{t_roll / n:.3f} s ({gen * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s; "
-                  f"rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
+                  f"{t_roll / n:.3f} s ({comp_tokens * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s"
+                  + (f" (MFU {100 * mfu(upd_flops, t_upd / n, peak, world):.1f}%)" if peak else "")
+                  + f"; rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
     bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in torch.cuda.get_device_name(device)), None) \
         if torch.device(device).type == "cuda" else None
-    if bandwidth:
-        seqs, ctx = len(prompts) * a.group, batch["input_ids"].shape[1] + a.max_new_tokens // 2
-        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
-            * ctx * seqs * 2  # K and V, bf16, at the mean context of the decode
-        bound = decode_bound_steps_per_s(n_text * 2, kv, bandwidth)
-        runtime.print0(f"decode {decode_steps / t_roll:.1f} steps/s (upper bound of the whole rollout, prefill "
-                       f"included) vs the memory-bandwidth bound {bound:.1f} steps/s: "
-                       f"{100 * decode_steps / t_roll / bound:.0f}% of it")
+    shapes = [(len(prompts), a.group, a.max_new_tokens)]
+    if a.rollout:
+        shapes.append(tuple(int(x) for x in a.rollout.split("x")))
+    for n_prompts, group, new in shapes:
+        decode_rate(b, items, n_prompts, group, new, device, sync, bandwidth, n_text, cfg,
+                    prompt_batch["input_ids"].shape[1])
     runtime.print0(runtime.peak_memory(device))
     runtime.cleanup()
 

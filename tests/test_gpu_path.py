@@ -106,3 +106,15 @@ def test_adamw_is_fused_on_cuda_and_torchs_default_on_cpu():
     assert runtime.adamw_options("cpu") == {}
     opt = runtime.adamw(torch.nn.Linear(2, 2), 1e-3, 0.01, "cpu")
     assert not opt.defaults["fused"] and opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.01
+
+
+def test_decode_bandwidth_and_update_work_by_hand():
+    from tests.bench import kv_bytes, mbu, update_work
+    # K and V (2) x 2 layers x 2 KV heads x head_dim 4 x 10 positions x 3 sequences x 2 bytes = 1,920
+    assert kv_bytes(2, 2, 4, 10, 3) == 1920
+    # 40 steps/s x (1,000 + 960 bytes) over 98,000 bytes/s = 0.8
+    assert mbu(40.0, 1000, 960, 98_000.0) == pytest.approx(0.8)
+    # 2 prompts of 30 tokens (5 patches each), G = 4, 100 completion tokens: shared 2 x 30 + 100 = 160 tokens,
+    # 10 patches; repeated 8 x 30 + 100 = 340 tokens, 40 patches
+    assert update_work(2, 4, 30, 100, 5, shared=True) == (160, 10)
+    assert update_work(2, 4, 30, 100, 5, shared=False) == (340, 40)
