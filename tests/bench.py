@@ -98,6 +98,17 @@ def build(shape, device, grad_ckpt=False):
     return runtime.Bundle(model, *runtime.load_processors(runtime.DEFAULT_MODEL))
 
 
+def hbm_bandwidth(device):
+    if torch.device(device).type != "cuda":
+        return None
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def rollout_shapes(a):
+    """--rollout PROMPTSxGxNEW as [(prompts, G, new tokens)], or none."""
+    return [tuple(int(x) for x in a.rollout.split("x"))] if a.rollout else []
+
+
 def decode_rate(b, items, n_prompts, group, new, device, sync, bandwidth, n_text, cfg, prompt_len):
     """Decoding steps per second of a rollout of n_prompts x group sequences, the prefill taken out (a rollout of
     one token timed as well), and its memory-bandwidth utilisation where the GPU's bandwidth is known."""
@@ -135,6 +146,8 @@ def main():
     p.add_argument("--grad_ckpt", action="store_true")
     p.add_argument("--rollout", default="8x8x256",
                    help="a realistic rollout measured too, PROMPTSxGxNEW_TOKENS ('' for none)")
+    p.add_argument("--decode_only", action="store_true",
+                   help="only the rollouts' decode, weights in bf16 (with CPT_COMPILE_DECODE=1: the compiled step)")
     a = p.parse_args()
     _, world, device = runtime.init_dist()
     b = build(a.shape, device, a.grad_ckpt)
@@ -155,6 +168,14 @@ def main():
     answer = [list(range(10, 10 + a.answer_len))] * a.batch
     peak = gpu_peak(device)
     sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
+
+    if a.decode_only:  # inference only: bf16 weights, as FSDP2 gathers them for a rollout
+        b.model.to(torch.bfloat16)
+        prompt_len = runtime.encode(b, items[:1], "plain")[0]["input_ids"].shape[1]
+        for n_prompts, group, new in [(max(1, a.batch // a.group), a.group, a.max_new_tokens), *rollout_shapes(a)]:
+            decode_rate(b, items, n_prompts, group, new, device, sync, hbm_bandwidth(device), n_text, cfg, prompt_len)
+        runtime.print0(runtime.peak_memory(device))
+        return runtime.cleanup()
 
     def sft():
         logp, mask = runtime.token_logprobs(b, items, "plain", answer, device)
@@ -208,13 +229,8 @@ def main():
                   f"{t_roll / n:.3f} s ({comp_tokens * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s"
                   + (f" (MFU {100 * mfu(upd_flops, t_upd / n, peak, world):.1f}%)" if peak else "")
                   + f"; rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
-    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in torch.cuda.get_device_name(device)), None) \
-        if torch.device(device).type == "cuda" else None
-    shapes = [(len(prompts), a.group, a.max_new_tokens)]
-    if a.rollout:
-        shapes.append(tuple(int(x) for x in a.rollout.split("x")))
-    for n_prompts, group, new in shapes:
-        decode_rate(b, items, n_prompts, group, new, device, sync, bandwidth, n_text, cfg,
+    for n_prompts, group, new in [(len(prompts), a.group, a.max_new_tokens), *rollout_shapes(a)]:
+        decode_rate(b, items, n_prompts, group, new, device, sync, hbm_bandwidth(device), n_text, cfg,
                     prompt_batch["input_ids"].shape[1])
     runtime.print0(runtime.peak_memory(device))
     runtime.cleanup()
