@@ -384,7 +384,7 @@ def encode(lm, items, fmt, completions=None):
     return out, prompt_len, comp_mask
 
 
-PIXEL_CACHE_BYTES = 64 * 2**20  # pixel values a Bundle keeps: a step's images (a GRPO step encodes each prompt 2-3
+PIXEL_CACHE_BYTES = 32 * 2**20  # pixel values a Bundle keeps: a step's images (a GRPO step encodes each prompt 2-3
 # times), not an evaluation's thousands
 
 
