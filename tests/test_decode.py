@@ -115,3 +115,16 @@ def test_a_decoding_step_runs_no_more_aten_ops_than_before(monkeypatch):
     monkeypatch.setattr(runtime, "sample", old_sample)
     old = ops_per_step(lm, items, "free", "cpu", 8)
     assert new < old, (new, old)
+
+
+def test_the_decode_plan_by_device(monkeypatch):
+    """(static cache, steps between stop checks, compiled step): the GPU's plan only on CUDA, the compiled step only
+    when asked for; a test can ask for the static cache on CPU."""
+    monkeypatch.delenv("CPT_COMPILE_DECODE", raising=False)
+    assert runtime.decode_plan("cpu") == (False, 1, False)
+    assert runtime.decode_plan("cpu", static=True) == (True, 1, False)
+    assert runtime.decode_plan("cuda") == (True, 8, False)
+    assert runtime.decode_plan(torch.device("cuda", 1), static=False) == (False, 8, False)
+    monkeypatch.setenv("CPT_COMPILE_DECODE", "1")
+    assert runtime.decode_plan("cuda") == (True, 8, True)
+    assert runtime.decode_plan("cpu") == (False, 1, False)
