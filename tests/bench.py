@@ -81,7 +81,8 @@ def shape_config(shape):
     text = {k: v for k, v in base["text_config"].items() if k != "layer_types"}
     text.update(s["text"], rope_parameters={**text["rope_parameters"], "mrope_section": [16, 24, 24]})  # head_dim 128
     vision = {**base["vision_config"], **s["vision"]}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=s["text"]["tie_word_embeddings"],
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            tie_word_embeddings=s["text"]["tie_word_embeddings"],
                             **{k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                     "vision_end_token_id")})
 

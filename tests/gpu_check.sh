@@ -36,7 +36,10 @@ step() {  # step SECONDS TITLE CMD...: run CMD with a time limit; its output wit
   local limit=$1 title=$2; shift 2
   echo "== $title"
   local start; start=$(date +%s)
-  if ! timeout "$limit" "$@" > "$LOGS/last.log" 2>&1; then echo "(failed or timed out after ${limit} s)"; FAILED+=("$title"); fi
+  if ! timeout "$limit" "$@" > "$LOGS/last.log" 2>&1; then
+    echo "(failed or timed out after ${limit} s)"
+    FAILED+=("$title")
+  fi
   grep -v -i "warn\|it/s\]\|s/it\]\|Loading weights" "$LOGS/last.log" | tail -"${TAIL:-12}" || true
   echo "($(( $(date +%s) - start )) s)"
 }
@@ -69,7 +72,8 @@ resumed_run() {  # a torchrun run of cpt_rft.py stopped once its first stage is 
   local out=$LOGS/torchrun
   rm -rf "$out" "$LOGS/cache-torchrun"
   export CPT_CACHE=$LOGS/cache-torchrun
-  local cmd=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" cpt_rft.py "${RUN[@]}" --out "$out")
+  local cmd=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" cpt_rft.py "${RUN[@]}"
+             --out "$out")
   echo "== ${cmd[*]}: stopped after stage 1, then again"
   "${cmd[@]}" > "$LOGS/torchrun-1.log" 2>&1 &
   local pid=$! rows=0

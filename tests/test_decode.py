@@ -95,9 +95,8 @@ def test_the_static_cache_decodes_a_text_only_llama_as_the_old_sampler():
     prompts of different lengths, greedy, 1-D positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=B.tok.vocab_size if B.tok.vocab_size >= 512 else 512, hidden_size=64,
-                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      initializer_range=0.2, max_position_embeddings=512)
+    cfg = LlamaConfig(vocab_size=len(B.tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=512)
     llama = runtime.Bundle(LlamaForCausalLM(cfg).eval(), B.tok, None)
     items = _items(TEXT)[::4]
     ours, _ = runtime.sample(llama, items, "free", 24, greedy=True, static=True)
