@@ -23,7 +23,7 @@ add exactly zero) but still count in the normaliser; --skip_zero_var drops them 
 whose every group is silent takes no optimizer step at all (AdamW's momentum and weight decay would still move the
 weights). --rif MODE drops zero-variance instances before the stage (rollouts.filter_items, as filter.py does).
 A non-finite reward, loss, gradient norm or logit stops the run before the optimizer steps on it.
-After each stage the model is evaluated on every task and on the held-out general tasks (loop.run_cpt).
+After each stage the model is evaluated on every task and on the held-out general tasks (loop.Run.finish_stage).
 
     python3 cpt_rft.py                                # the tiny default, a few minutes on 2 CPU cores
     python3 cpt_rft.py --multitask                    # all tasks at once: the upper bound
@@ -237,14 +237,18 @@ def grpo_update(lm, ref, opt, seqs, cfg, device, filler=None, normaliser_extra=(
             "kl": runtime.all_sum([kl_sum], device)[0] / n_tokens / cfg.ppo_epochs}
 
 
+def shares_prompt(model):
+    """Whether the update forwards each group's prompt once (see _logp)."""
+    return not runtime.is_dist() and not runtime.is_activation_checkpointing(model)
+
+
 def _logp(lm, micro_batch, cfg, device):
     """Per-token log-probs, completion mask and advantages of a micro-batch of (item, completion, advantage).
     A group's completions follow each other, so each prompt is forwarded once for all of them
     (runtime.shared_prompt_logprobs: the same log-probs and gradient as forwarding it G times). Activation
     checkpointing turns the KV cache off, and FSDP2 is not yet checked with a forward split in two: those repeat
     the prompt."""
-    shared = not runtime.is_dist() and not runtime.is_activation_checkpointing(lm.model)
-    scorer = runtime.shared_prompt_logprobs if shared else runtime.token_logprobs
+    scorer = runtime.shared_prompt_logprobs if shares_prompt(lm.model) else runtime.token_logprobs
     logp, mask = scorer(lm, [s[0] for s in micro_batch], cfg.format, [s[1] for s in micro_batch], device,
                         cfg.temperature)
     return logp, mask, torch.tensor([s[2] for s in micro_batch], device=device)
@@ -367,7 +371,7 @@ def main(argv=None):
             if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
                 ref = runtime.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
                 ref.model.requires_grad_(False).eval()
-            opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            opt = runtime.adamw(lm.model, args.lr, args.weight_decay, device)
             # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
             stream, steps = Stream(stage.specs, (args.seed, stage.k)), args.steps * len(stage.specs)
             if args.rif != "none":  # RIF-RFT: the same passes over the instances that can teach, so fewer steps

@@ -8,7 +8,7 @@ cross-entropy on the ground-truth answer of each task item:
 The answer tokens are the answer and the end-of-turn token; system, user, image and padding tokens carry no loss
 (P1: "cross-entropy on the ground-truth answer only"). The normaliser is the answer-token count of the whole global
 batch, so gradient accumulation and several ranks give the same gradient as one big batch.
-After each stage the model is evaluated on every task and on the held-out general tasks (run_cpt).
+After each stage the model is evaluated on every task and on the held-out general tasks (loop.Run.finish_stage).
 
 --sft_data picks the targets, on the same items, steps and batch for every choice:
   gold    the item's answer: on a task with several valid answers, the canonical one (the first by a fixed rule),
@@ -102,7 +102,7 @@ def main(argv=None):
             if args.sft_data == "oracle" and oracle is None:
                 oracle = runtime.load_model(args.model, device)
                 oracle.model.requires_grad_(False).eval()
-            opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            opt = runtime.adamw(lm.model, args.lr, args.weight_decay, device)
             stream = Stream(stage.specs, (args.seed, stage.k))
             lm.model.train()
             # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks

@@ -11,6 +11,7 @@ In the order a run uses it:
   6. FSDP2: fully_shard on every decoder / vision block, then the root (built on the meta device, filled from rank
      0's copy); full-state-dict checkpoints by rank 0
 """
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -37,16 +38,23 @@ DEFAULT_MODEL = os.path.join(ROOT, "data", "tiny-base")
 # ----------------------------------------------------------------------------- 1. distributed set-up
 
 def init_dist():
-    """(rank, world, device). Under torchrun: a process group (NCCL on GPU, gloo on CPU); else a single process."""
+    """(rank, world, device). Under torchrun: a process group (gloo on CPU; on GPU NCCL for CUDA tensors and gloo
+    for CPU ones, so that a collective on a CPU tensor, as loading a model on the CPU does, works there too); else a
+    single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if is_dist():
             return dist.get_rank(), dist.get_world_size(), _device()
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(process_group_backend(cuda), timeout=datetime.timedelta(minutes=30))
         return dist.get_rank(), dist.get_world_size(), _device()
     return 0, 1, _device()
+
+
+def process_group_backend(cuda):
+    """torch.distributed's backend string: one backend per device type ("cpu:gloo,cuda:nccl"), or gloo alone."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def _device():
@@ -201,6 +209,7 @@ class Bundle:
         self.forbidden = sorted({i for i in ids + [tok.pad_token_id] if i is not None and i != self.eos_id})
         self.image_token = "<|image_pad|>"
         self.path = None  # the folder the current weights were loaded from or last saved to
+        self.pixels = collections.OrderedDict()  # image entry's id -> (entry, pixel values, grid): see _pixels
 
 
 def split_model_path(path):
@@ -238,17 +247,11 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False, what=None, ad
     and only rank 0 ever reads (or holds) the whole of it (`_load_sharded`). grad_ckpt: activation checkpointing.
     `what` / `advice`: how an unreadable checkpoint is named and what the user can do (default: --model, copy it
     again)."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     cfg = model_config(path)
     folder, gguf = split_model_path(path)
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(folder, **kw)
-    tok.padding_side = "left"
-    if tok.chat_template is None:
-        raise ValueError(f"--model {path}: the tokenizer has no chat template; use a chat/instruct checkpoint")
-    # The Qwen2.5-VL processor class needs torchvision (for video) even for images, so the tokenizer and image
-    # processor are composed here exactly as the processor does (see `encode`).
-    improc = AutoImageProcessor.from_pretrained(folder) if is_vlm_config(cfg) else None
+    tok, improc = load_processors(path)
     cls = AutoModelForImageTextToText if is_vlm_config(cfg) else AutoModelForCausalLM
     if is_dist():
         model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, what, advice)
@@ -259,6 +262,19 @@ def load_model(path, device, dtype=torch.float32, grad_ckpt=False, what=None, ad
     lm = Bundle(model, tok, improc)
     lm.path = path
     return lm
+
+
+def load_processors(path):
+    """(tokenizer, image processor or None) of a checkpoint, without its weights. The Qwen2.5-VL processor class
+    needs torchvision (for video) even for images, so the tokenizer and image processor are composed here exactly
+    as the processor does (see `encode`)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    folder, gguf = split_model_path(path)
+    tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    tok.padding_side = "left"
+    if tok.chat_template is None:
+        raise ValueError(f"--model {path}: the tokenizer has no chat template; use a chat/instruct checkpoint")
+    return tok, AutoImageProcessor.from_pretrained(folder) if is_vlm_config(model_config(path)) else None
 
 
 def _from_pretrained(cls, path, folder, dtype, kw, what=None, advice=None):
@@ -326,6 +342,17 @@ def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, what=None, adv
     del full
     _settle_root(model, device)
     return model
+
+
+def adamw_options(device):
+    """AdamW's implementation on a device: fused (one kernel over all parameters, not a loop of launches) on CUDA;
+    torch's default on CPU, which keeps CPU runs' numbers."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
+def adamw(model, lr, weight_decay, device):
+    """The training scripts' optimizer. Build it after reshard(lm) (see there)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **adamw_options(device))
 
 
 def configure(lm, min_pixels=None, max_pixels=None):
@@ -398,18 +425,35 @@ def encode(lm, items, fmt, completions=None):
     return out, prompt_len, comp_mask
 
 
+PIXEL_CACHE_BYTES = 32 * 2**20  # pixel values a Bundle keeps: a step's images (a GRPO step encodes each prompt 2-3
+# times), not an evaluation's thousands
+
+
 def _pixels(lm, images):
     """pixel_values and image_grid_thw of a list of (image entry, where) pairs. Each distinct entry is processed
-    once: a GRPO batch repeats every prompt's image G times."""
+    once: a GRPO batch repeats every prompt's image G times, and a step encodes its prompts for the rollout and
+    again for the update, so the values of the images used last are kept, up to PIXEL_CACHE_BYTES (the image
+    processor runs on the CPU, in the way of a GPU step). An entry is kept with its values, so that its id names it
+    while cached."""
+    size = repr(lm.improc.size)  # configure() changes it: other pixels
     todo = {}
     for entry, where in images:
-        todo.setdefault(id(entry), (entry, where))
-    vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
-    grid = vis["image_grid_thw"]
-    done = dict(zip(todo, zip(vis["pixel_values"].split(grid.prod(-1).tolist()), grid)))
-    order = [id(entry) for entry, _ in images]
-    return {"pixel_values": torch.cat([done[k][0] for k in order]),
-            "image_grid_thw": torch.stack([done[k][1] for k in order])}
+        if (id(entry), size) not in lm.pixels:
+            todo.setdefault(id(entry), (entry, where))
+    if todo:
+        vis = lm.improc(images=[open_image(e, w) for e, w in todo.values()], return_tensors="pt")
+        grid = vis["image_grid_thw"]
+        for (entry, _), pv, g in zip(todo.values(), vis["pixel_values"].split(grid.prod(-1).tolist()), grid):
+            lm.pixels[id(entry), size] = (entry, pv.clone(), g)  # a copy: a view would hold the whole batch
+    keys = [(id(entry), size) for entry, _ in images]
+    out = {"pixel_values": torch.cat([lm.pixels[k][1] for k in keys]),
+           "image_grid_thw": torch.stack([lm.pixels[k][2] for k in keys])}
+    for k in keys:
+        lm.pixels.move_to_end(k)
+    held = sum(v[1].nbytes for v in lm.pixels.values())
+    while held > PIXEL_CACHE_BYTES:
+        held -= lm.pixels.popitem(last=False)[1][1].nbytes
+    return out
 
 
 def _expand_images(text, token, counts):
@@ -436,15 +480,24 @@ def mask_forbidden(logits, forbidden):
     return logits
 
 
-def next_token(logits, forbidden, temperature=1.0, greedy=False):
-    """One decoding step, [B, V] logits -> [B] token ids: the never-sampled tokens masked out (as in the loss),
-    then argmax (greedy) or a draw from softmax(logits / temperature): pi(y_t), exactly what token_logprobs scores."""
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
-    logits = mask_forbidden(logits, forbidden)
+def forbidden_bias(forbidden, vocab, device):
+    """[V]: 0, and -inf on the never-sampled tokens. Added to logits it masks them exactly as mask_forbidden does
+    (x + 0 is x), in one op per decoding step instead of a copy and an indexed write."""
+    bias = torch.zeros(vocab, device=device)
+    bias[list(forbidden)] = float("-inf")
+    return bias
+
+
+def next_token(logits, ban, temperature=1.0, greedy=False):
+    """One decoding step, [B, V] logits -> ([B] token ids, [B] broken flags): the never-sampled tokens masked out
+    (`ban`, from forbidden_bias; as in the loss), then argmax (greedy) or a draw from softmax(logits / temperature):
+    pi(y_t), exactly what token_logprobs scores. No host sync: a row whose logits are NaN or +inf is flagged for the
+    caller to raise Diverged on, and drawn from finite stand-ins meanwhile (a NaN would make the draw itself fail)."""
+    broken = (logits.isnan() | logits.isposinf()).any(-1)
+    logits = logits.nan_to_num(0.0, posinf=0.0, neginf=float("-inf")) + ban
     if greedy:
-        return logits.argmax(-1)
-    return torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)
+        return logits.argmax(-1), broken
+    return torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1), broken
 
 
 def text_positions(mask):
@@ -497,17 +550,59 @@ def _kv_cache(out):
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
+# A GPU decoding step is launch-bound, not compute-bound: it runs at memory speed only without host syncs and, best,
+# as one CUDA graph. On CUDA the sampler therefore decodes into a preallocated (static) KV cache and checks for the
+# stop every STOP_EVERY steps; CPT_COMPILE_DECODE=1 also compiles the one-token step with
+# torch.compile(mode="reduce-overhead") (CUDA graphs; single process only, not under FSDP). On CPU a sync costs
+# nothing and attention over a fixed-size cache only adds work, so the CPU keeps the growing cache and checks every
+# step (which also keeps its samples, random draws included, what they were).
+STOP_EVERY = 8
+_compiled_step = None
+
+
+def decode_plan(device, static=None):
+    """(static cache?, steps between stop checks, compiled step?) of a rollout on `device`; `static` overrides."""
+    cuda = torch.device(device).type == "cuda"
+    static = cuda if static is None else static
+    compiled = cuda and static and not is_dist() and os.environ.get("CPT_COMPILE_DECODE") == "1"
+    return static, STOP_EVERY if cuda else 1, compiled
+
+
+def static_cache(model, cache, length):
+    """The prefill's KV cache copied into a preallocated one of `length` positions (transformers' StaticCache): the
+    decoding steps then write in place into fixed tensors, as a CUDA graph needs; attention reads all `length`
+    positions, the unwritten ones masked out."""
+    from transformers import StaticCache
+    static = StaticCache(config=model.config, max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        where = torch.arange(layer.keys.shape[-2], device=layer.keys.device)  # older 5.x versions ask for it
+        static.update(layer.keys, layer.values, i, {"cache_position": where})
+    return static
+
+
+def one_token(model, cache_arg, token, mask, pos, cache):
+    """The decoding step: one token per sequence through the model, on top of the cache; its next-token logits."""
+    out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True,
+                **{cache_arg: cache})
+    return out.logits[:, -1].float()
+
+
 @torch.no_grad()
-def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1):
+def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1, static=None):
     """n completions per item (item-major: item 0's n, then item 1's), written out: each prompt is encoded and
     prefilled once (images included), the KV cache is repeated n times, then token by token next_token until every
     sequence has ended its turn or the budget is spent. Returns (token-id lists ending at EOS, or cut: truncated
-    flags). Under torchrun every rank steps until all ranks are done (one small collective per step), as FSDP
-    needs the same forwards on every rank."""
+    flags). Under torchrun every rank steps until all ranks are done (one small collective per stop check), as FSDP
+    needs the same forwards on every rank. `static`: the preallocated KV cache on or off (default: decode_plan's)."""
+    global _compiled_step
     model = lm.model
     batch = to_device(encode(lm, items, fmt)[0], device)
-    mask = batch["attention_mask"]
     pos = prompt_positions(lm, batch)
+    static, stop_every, compiled = decode_plan(device, static)
+    step = one_token
+    if compiled:
+        _compiled_step = _compiled_step or torch.compile(one_token, mode="reduce-overhead")
+        step = _compiled_step
     was_training = model.training
     model.eval()
     with gathered(model), autocast(device):
@@ -515,29 +610,46 @@ def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device
         cache, logits = _kv_cache(out), out.logits[:, -1].float()
         if n > 1:  # the samples of one prompt share its prefill
             cache.batch_repeat_interleave(n)
-            logits, mask, pos = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), \
-                pos.repeat_interleave(n, -2)
+            logits, pos = logits.repeat_interleave(n, 0), pos.repeat_interleave(n, -2)
+        prompt_len = batch["attention_mask"].shape[1]
+        length = prompt_len + max_new_tokens
+        if static:  # rounded up: fewer distinct shapes for a compiled step
+            length = -(-length // 128) * 128
+            cache = static_cache(model, cache, length)
+        # the rollout's attention mask, allocated once: the prompts', then one column per new token
+        mask = F.pad(batch["attention_mask"].repeat_interleave(n, 0), (0, length - prompt_len))
         next_pos = pos.amax(-1, keepdim=True) + 1  # [B, 1] or [3, B, 1]: right after the prompt's last token
+        ban = forbidden_bias(lm.forbidden, logits.shape[-1], logits.device)
+        tokens = torch.full((logits.shape[0], max_new_tokens), lm.pad_id, dtype=torch.long, device=logits.device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        steps = []
+        broken = torch.zeros_like(done)
+        cache_arg = _cache_arg(model)
         for t in range(max_new_tokens):
-            token = next_token(logits, lm.forbidden, temperature, greedy).masked_fill(done, lm.pad_id)
-            steps.append(token)
+            token, bad = next_token(logits, ban, temperature, greedy)
+            tokens[:, t] = token.masked_fill_(done, lm.pad_id)
+            broken |= bad
             done |= token == lm.eos_id
-            busy = float(not done.all())  # under torchrun: until every rank is done (FSDP needs the same forwards)
-            if t + 1 == max_new_tokens or (all_max(busy, device) if is_dist() else busy) == 0:
+            if t + 1 == max_new_tokens or ((t + 1) % stop_every == 0 and not _busy(done, device)):
                 break
-            mask = torch.cat([mask, (~done).long().unsqueeze(1)], 1)
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
-                        **{_cache_arg(model): cache})
-            logits, next_pos = out.logits[:, -1].float(), next_pos + 1  # the cache grew in place
+            mask[:, prompt_len + t] = ~done
+            # a growing cache attends to the mask's filled part (a view); a static one to all of it
+            logits = step(model, cache_arg, token, mask if static else mask[:, :prompt_len + t + 1], next_pos, cache)
+            next_pos = next_pos + 1
+        if broken.any():
+            raise Diverged("the model's logits are NaN or infinite while sampling (the last update broke the weights)")
     model.train(was_training)
     comps, truncated = [], []
-    for row in torch.stack(steps, 1).tolist():
+    for row in tokens[:, :t + 1].tolist():
         ended = lm.eos_id in row
         comps.append(row[:row.index(lm.eos_id) + 1] if ended else row)
         truncated.append(not ended)
     return comps, truncated
+
+
+def _busy(done, device):
+    """Whether any sequence is still going, on any rank (FSDP needs the same forwards on every rank): a host sync."""
+    busy = float(not done.all())
+    return (all_max(busy, device) if is_dist() else busy) > 0
 
 
 def token_logprobs(lm, items, fmt, completions, device, temperature=1.0):

@@ -46,6 +46,24 @@ def decode_bound_steps_per_s(weight_bytes, kv_bytes, bandwidth):
     return bandwidth / (weight_bytes + kv_bytes)
 
 
+def mbu(steps_per_s, weight_bytes, kv_bytes, bandwidth):
+    """Memory-bandwidth utilisation of a decode: the bytes a step must read, times steps per second, over the
+    memory bandwidth (1.0: at the bound)."""
+    return steps_per_s / decode_bound_steps_per_s(weight_bytes, kv_bytes, bandwidth)
+
+
+def kv_bytes(layers, kv_heads, head_dim, context, seqs, bytes_per=2):
+    """The KV cache a decoding step reads: K and V of every layer, KV head and position, for every sequence."""
+    return 2 * layers * kv_heads * head_dim * context * seqs * bytes_per
+
+
+def update_work(prompts, group, prompt_len, completion_tokens, patches_per_prompt, shared):
+    """(tokens, image patches) a GRPO update forwards and backpropagates: with the shared prompt (one forward per
+    group, runtime.shared_prompt_logprobs) each prompt once; else each of the group's G sequences repeats it."""
+    copies = prompts if shared else prompts * group
+    return copies * prompt_len + completion_tokens, copies * patches_per_prompt
+
+
 def gpu_peak(device):
     if torch.device(device).type != "cuda":
         return None
@@ -53,25 +71,68 @@ def gpu_peak(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def shape_config(shape):
+    """The config of a real shape, built fresh from the tiny base's (its token ids) with the shape's sizes. Fresh, not
+    edited: a config derives lists from its sizes when built (transformers 5.17+ keeps one `layer_types` entry per
+    decoder layer), and an edited num_hidden_layers would leave the tiny base's 4-entry list behind."""
+    from transformers import Qwen2_5_VLConfig
+    base = Qwen2_5_VLConfig.from_pretrained(runtime.DEFAULT_MODEL).to_dict()
+    s = SHAPES[shape]
+    text = {k: v for k, v in base["text_config"].items() if k != "layer_types"}
+    text.update(s["text"], rope_parameters={**text["rope_parameters"], "mrope_section": [16, 24, 24]})  # head_dim 128
+    vision = {**base["vision_config"], **s["vision"]}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            tie_word_embeddings=s["text"]["tie_word_embeddings"],
+                            **{k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                    "vision_end_token_id")})
+
+
 def build(shape, device, grad_ckpt=False):
-    """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer."""
+    """The tiny base (shape 'tiny') or a random-init model of a real shape with the tiny tokenizer and image
+    processor (no tiny model is loaded for them: under a GPU torchrun it would be sharded on the CPU)."""
     if shape == "tiny":
         return runtime.load_model(runtime.DEFAULT_MODEL, device, grad_ckpt=grad_ckpt)
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-    cfg = AutoConfig.from_pretrained(runtime.DEFAULT_MODEL)
-    s = SHAPES[shape]
-    for k, v in s["text"].items():
-        setattr(cfg.text_config, k, v)
-    for k, v in s["vision"].items():
-        setattr(cfg.vision_config, k, v)
-    cfg.tie_word_embeddings = s["text"]["tie_word_embeddings"]
-    cfg.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # head_dim 128
+    from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
-    b = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")  # its tokenizer and image processor
-    b.model = model
-    return b
+        model = Qwen2_5_VLForConditionalGeneration(shape_config(shape))
+    return runtime.Bundle(model, *runtime.load_processors(runtime.DEFAULT_MODEL))
+
+
+def hbm_bandwidth(device):
+    if torch.device(device).type != "cuda":
+        return None
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def rollout_shapes(a):
+    """--rollout PROMPTSxGxNEW as [(prompts, G, new tokens)], or none."""
+    return [tuple(int(x) for x in a.rollout.split("x"))] if a.rollout else []
+
+
+def decode_rate(b, items, n_prompts, group, new, device, sync, bandwidth, n_text, cfg, prompt_len):
+    """Decoding steps per second of a rollout of n_prompts x group sequences, the prefill taken out (a rollout of
+    one token timed as well), and its memory-bandwidth utilisation where the GPU's bandwidth is known."""
+    prompts = (items * n_prompts)[:n_prompts]
+
+    def timed(tokens):
+        runtime.sample(b, prompts, "plain", tokens, device=device, n=group)  # warm-up (and a compiled step's compile)
+        sync()
+        t0 = time.time()
+        comps, _ = runtime.sample(b, prompts, "plain", tokens, device=device, n=group)
+        sync()
+        return time.time() - t0, max(map(len, comps))
+
+    t_prefill, _ = timed(1)
+    t_all, steps = timed(new)
+    rate = (steps - 1) / max(t_all - t_prefill, 1e-9)
+    line = (f"decode {n_prompts} prompts x G={group} x {new} new tokens: {rate:.1f} steps/s, "
+            f"{rate * n_prompts * group:,.0f} tokens/s (prefill {t_prefill:.3f} s)")
+    if bandwidth:
+        kv = kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                      prompt_len + new // 2, n_prompts * group)  # bf16, at the decode's mean context
+        line += f"; MBU {100 * mbu(rate, n_text * 2, kv, bandwidth):.1f}% of the memory-bandwidth bound"
+    runtime.print0(line + f" [{'compiled' if runtime.decode_plan(device)[2] else 'eager'} step]")
 
 
 def main():
@@ -84,12 +145,16 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=64, help="GRPO rollout length")
     p.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 patches, 64 tokens)")
     p.add_argument("--grad_ckpt", action="store_true")
+    p.add_argument("--rollout", default="8x8x256",
+                   help="a realistic rollout measured too, PROMPTSxGxNEW_TOKENS ('' for none)")
+    p.add_argument("--decode_only", action="store_true",
+                   help="only the rollouts' decode, weights in bf16 (with CPT_COMPILE_DECODE=1: the compiled step)")
     a = p.parse_args()
     _, world, device = runtime.init_dist()
     b = build(a.shape, device, a.grad_ckpt)
     if a.shape != "tiny":  # the tiny base came through load_model, already sharded and checkpointed as asked
         if a.grad_ckpt:
-            b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            runtime.enable_activation_checkpointing(b.model)
         if runtime.is_dist():
             runtime.shard_model(b.model, device)
     runtime.configure(b, a.image ** 2, a.image ** 2)
@@ -100,10 +165,18 @@ def main():
     n_vis = sum(q.numel() for q in b.model.model.visual.parameters())
     n_text = sum(q.numel() for q in lm.parameters()) - lm.embed_tokens.weight.numel() + b.model.lm_head.weight.numel()
     cfg = b.model.config.text_config
-    opt = torch.optim.AdamW(b.model.parameters(), lr=1e-6)
+    opt = runtime.adamw(b.model, 1e-6, 0.01, device)
     answer = [list(range(10, 10 + a.answer_len))] * a.batch
     peak = gpu_peak(device)
     sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
+
+    if a.decode_only:  # inference only: bf16 weights, as FSDP2 gathers them for a rollout
+        b.model.to(torch.bfloat16)
+        prompt_len = runtime.encode(b, items[:1], "plain")[0]["input_ids"].shape[1]
+        for n_prompts, group, new in [(max(1, a.batch // a.group), a.group, a.max_new_tokens), *rollout_shapes(a)]:
+            decode_rate(b, items, n_prompts, group, new, device, sync, hbm_bandwidth(device), n_text, cfg, prompt_len)
+        runtime.print0(runtime.peak_memory(device))
+        return runtime.cleanup()
 
     def sft():
         logp, mask = runtime.token_logprobs(b, items, "plain", answer, device)
@@ -128,10 +201,10 @@ def main():
                   f"{tokens * world / dt:,.0f} tokens/s" + (f", MFU {100 * mfu(flops, dt, peak, world):.1f}%"
                                                              if peak else ", MFU n/a (no known GPU peak)"))
     # GRPO: rollout (generate G per prompt) + one update on all G x batch sequences
-    from cpt_rft import GRPOConfig, grpo_update
+    from cpt_rft import GRPOConfig, grpo_update, shares_prompt
     args = GRPOConfig(micro_batch=a.batch, max_new_tokens=a.max_new_tokens)
     prompts = items[:max(1, a.batch // a.group)]
-    t_roll = t_upd = gen = decode_steps = 0
+    t_roll = t_upd = comp_tokens = 0
     for step in range(a.steps + 1):
         sync()
         t0 = time.time()
@@ -145,22 +218,21 @@ def main():
         if step:  # the first is warm-up
             t_roll += t1 - t0
             t_upd += time.time() - t1
-            gen += sum(len(c) for c in comps)
-            decode_steps += max(map(len, comps))
+            comp_tokens += sum(len(c) for c in comps)
     n = a.steps
+    prompt_batch = runtime.encode(b, prompts[:1], "plain")[0]
+    shared = shares_prompt(b.model)
+    upd_tokens, upd_patches = update_work(len(prompts), a.group, prompt_batch["input_ids"].shape[1], comp_tokens / n,
+                                          prompt_batch["pixel_values"].shape[0], shared)
+    upd_flops = train_flops(n_text, n_vis, cfg.num_hidden_layers, cfg.hidden_size, upd_tokens,
+                            prompt_batch["input_ids"].shape[1] + a.max_new_tokens, upd_patches) * world
     runtime.print0(f"GRPO {len(prompts)} prompts x G={a.group}, {a.max_new_tokens} new tokens: rollout "
-                  f"{t_roll / n:.3f} s ({gen * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s; "
-                  f"rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
-    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in torch.cuda.get_device_name(device)), None) \
-        if torch.device(device).type == "cuda" else None
-    if bandwidth:
-        seqs, ctx = len(prompts) * a.group, batch["input_ids"].shape[1] + a.max_new_tokens // 2
-        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
-            * ctx * seqs * 2  # K and V, bf16, at the mean context of the decode
-        bound = decode_bound_steps_per_s(n_text * 2, kv, bandwidth)
-        runtime.print0(f"decode {decode_steps / t_roll:.1f} steps/s (upper bound of the whole rollout, prefill "
-                       f"included) vs the memory-bandwidth bound {bound:.1f} steps/s: "
-                       f"{100 * decode_steps / t_roll / bound:.0f}% of it")
+                  f"{t_roll / n:.3f} s ({comp_tokens * world / t_roll:,.0f} tokens/s), update {t_upd / n:.3f} s"
+                  + (f" (MFU {100 * mfu(upd_flops, t_upd / n, peak, world):.1f}%)" if peak else "")
+                  + f"; rollout share {100 * t_roll / (t_roll + t_upd):.0f}% of the step")
+    for n_prompts, group, new in [(len(prompts), a.group, a.max_new_tokens), *rollout_shapes(a)]:
+        decode_rate(b, items, n_prompts, group, new, device, sync, hbm_bandwidth(device), n_text, cfg,
+                    prompt_batch["input_ids"].shape[1])
     runtime.print0(runtime.peak_memory(device))
     runtime.cleanup()
 

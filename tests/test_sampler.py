@@ -63,12 +63,26 @@ def test_sampled_first_tokens_follow_the_probabilities_the_loss_scores(temperatu
 
 def test_forbidden_tokens_are_never_drawn_even_when_most_likely():
     logits = torch.tensor([[0.0, 10.0, 1.0], [5.0, 9.0, 0.0]])
+    ban = runtime.forbidden_bias([1], 3, "cpu")
+    assert ban.tolist() == [0.0, float("-inf"), 0.0]
     torch.manual_seed(0)
-    drawn = torch.stack([runtime.next_token(logits, [1], 1.0) for _ in range(200)])
+    drawn = torch.stack([runtime.next_token(logits, ban, 1.0)[0] for _ in range(200)])
     assert not (drawn == 1).any()
-    assert runtime.next_token(logits, [1], greedy=True).tolist() == [2, 0]
+    token, broken = runtime.next_token(logits, ban, greedy=True)
+    assert token.tolist() == [2, 0] and broken.tolist() == [False, False]
+    # a NaN or +inf row is flagged (the sampler raises Diverged after its loop) and still gives a token meanwhile
+    token, broken = runtime.next_token(torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [1.0, 0.0]]),
+                                       runtime.forbidden_bias([], 2, "cpu"), 1.0)
+    assert broken.tolist() == [True, True, False] and token.shape == (3,)
+
+
+def test_a_nan_logit_while_sampling_stops_the_run():
+    item = builtin_items("add", "test", 1)[0]
+    lm = runtime.load_model(runtime.DEFAULT_MODEL, "cpu")
+    with torch.no_grad():
+        lm.model.lm_head.weight[3] = float("nan")
     with pytest.raises(runtime.Diverged):
-        runtime.next_token(torch.tensor([[float("nan"), 0.0]]), [], 1.0)
+        runtime.sample(lm, [item], "free", 8, n=2)
 
 
 def test_text_positions_count_only_attended_tokens():

@@ -14,7 +14,8 @@ import rollouts
 import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# the runs these tests start are CPU runs (gloo ranks, fp32 numbers), on a machine with a GPU too
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
 TINY = ["--tasks", "left_color", "top_color", "--general", "color", "add", "--eval_n", "24", "--steps", "2",
         "--batch_size", "4"]
 
@@ -197,3 +198,14 @@ def test_compare_quick(tmp_path):
     assert os.path.exists(os.path.join(out, "report", "report.md"))
     assert "total wall time" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr  # the progress monitor prints one if it breaks
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """tests/gpu_check.sh on a CPU, the tiny shape: the suite collected, the decode, the bench with and without
+    activation checkpointing, the main job cut down, and a 2-rank torchrun run stopped after stage 1 and resumed."""
+    r = subprocess.run(["bash", os.path.join(ROOT, "tests", "gpu_check.sh"), "--dry-run"],
+                       env={**ENV, "OUT": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    for line in ("tests collected", "SFT  batch 8x", "GRPO 1 prompts x G=8", "decode 2 prompts x G=8 x 16 new tokens",
+                 "main job wall time", "resuming after stage 1", "every step ran"):
+        assert line in r.stdout, line

@@ -18,7 +18,8 @@ from data.rewards import Score, score
 from tests.test_inputs import refused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# the runs these tests start are CPU runs (gloo ranks, fp32 numbers), on a machine with a GPU too
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
 TINY = ["--tasks", "left_color", "--general", "color", "--eval_n", "8", "--steps", "2", "--batch_size", "4",
         "--kl_n", "0"]
 
