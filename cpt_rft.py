@@ -45,6 +45,7 @@ import runtime
 from data.tasks import Stream
 from filter import REWARD_TOL, filter_items, zero_variance
 from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
+from lora import trainable_parameters
 from loop import run_cpt
 
 ADV_EPS = 1e-6         # verl / EasyR1 value (TRL uses 1e-4)
@@ -328,7 +329,7 @@ def main(argv=None):
         if args.kl_coef > 0:  # frozen copy of the stage's start model; never loaded when the KL is off
             ref = runtime.load_model(lm.path, device)  # lm.path: the checkpoint this stage starts from
             ref.model.requires_grad_(False).eval()
-        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        opt = torch.optim.AdamW(trainable_parameters(lm.model), lr=args.lr, weight_decay=args.weight_decay)
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
         stream, steps = Stream(specs, (args.seed, stage)), args.steps * len(specs)
         if args.rif != "none":

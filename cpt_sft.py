@@ -42,6 +42,7 @@ from tqdm import tqdm
 import runtime
 from data.tasks import Stream
 from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
+from lora import trainable_parameters
 from loop import run_cpt
 
 
@@ -105,7 +106,7 @@ def main(argv=None):
         if args.sft_data == "oracle" and not base:
             base.append(runtime.load_model(args.model, device))
             base[0].model.requires_grad_(False).eval()
-        opt = torch.optim.AdamW(lm.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        opt = torch.optim.AdamW(trainable_parameters(lm.model), lr=args.lr, weight_decay=args.weight_decay)
         stream = Stream(specs, (args.seed, stage))
         lm.model.train()
         # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks

@@ -59,7 +59,8 @@ def run_cpt(args, script, train_stage):
         configure(lm, args.min_pixels, args.max_pixels)
         if lm.is_vlm:
             print0("image tokens per sample: " + ", ".join(f"{k} {v}" for k, v in image_tokens(lm, specs).items()))
-        kl_items = {t: eval_items(t, args.eval_n, args.eval_split)[:args.kl_n] for t in args.tasks}
+        # the KL to the base on the CPT tasks' prompts and on the general tasks' (where damage the first misses shows)
+        kl_items = {t: eval_items(t, eval_counts(args)[t], args.eval_split)[:args.kl_n] for t in specs}
         kl_items = {t: v for t, v in kl_items.items() if v and (lm.is_vlm or not any(it["images"] for it in v))}
         samples = base_row(lm, res, args, specs, kl_items, device) if not res["rows"] else None
         samples = keep_on_disk(out, res_path, res, samples, rank_)
@@ -87,6 +88,16 @@ def run_config(args, script):
     return {**config, "script": script}
 
 
+# settings added after runs had been recorded: a results.json without them was written with these values
+LATER_SETTINGS = {"lora_rank": 0, "lora_alpha": None}
+
+
+def with_later_settings(config):
+    """A recorded config with the settings it predates filled in (so an old run still resumes, and groups with new
+    runs of the same command)."""
+    return {**LATER_SETTINGS, **config}
+
+
 def read_or_start_results(res_path, columns, config):
     """An existing results.json of the same command (to resume), or a fresh one; another command's is refused."""
     if not os.path.exists(res_path):
@@ -96,6 +107,7 @@ def read_or_start_results(res_path, columns, config):
             old = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {res_path} cannot be read ({e}); delete it (or the folder) to start again") from None
+    old["config"] = with_later_settings(old["config"])
     differ = sorted(k for k in set(old["config"]) | set(config) if k != "world" and
                     old["config"].get(k) != config.get(k))
     if differ:
@@ -183,6 +195,7 @@ def base_row(lm, res, args, specs, kl_items, device):
                           tasks=sorted(kl_items), kl_n=args.kl_n, kl_samples=args.kl_samples, seed=args.seed,
                           eval_tokens=args.eval_max_new_tokens)
     res["kl_to_base"] = [[0.0 if t in kl_items else None for t in args.tasks]]
+    res["kl_to_base_general"] = [[0.0 if g in kl_items else None for g in args.general]]
     res["general_ll"] = [cached_base("general-ll", args.model, args, str(device),
                                      lambda: general_loglik(lm, general_items(args), args.format, device),
                                      general=list(args.general), kl_n=args.kl_n)]
@@ -244,6 +257,10 @@ def open_log(path, done):
 
 def run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_items, samples, out, device):
     """Train stage k, evaluate everything, save the checkpoint, append the row; stop a run that broke."""
+    if args.lora_rank:  # fresh adapters on the stage's start weights (lora.py: why one adapter per stage)
+        lm.model = None
+        lm.model = load_model(lm.path, device, grad_ckpt=args.grad_ckpt, lora_rank=args.lora_rank,
+                              lora_alpha=args.lora_alpha, lora_seed=seed_all(args.seed, k, "lora")).model
     t0 = time.time()
     seed_all(args.seed, k, name)
     first_line = len(log.rows)
@@ -260,15 +277,23 @@ def run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_i
             "; rerun with a smaller --lr in a new --out.") from None
     train_s = time.time() - t0
     stage_rows = [r for r in log.rows[first_line:] if r.get("stage") == k and "step" in r]
+    if args.lora_rank:  # the adapters merged into plain weights, and those evaluated: the numbers are the checkpoint's
+        save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
+        lm.model = None
+        lm.model = load_model(os.path.join(out, f"stage-{k}"), device).model
     seed_all(args.seed, "eval")
     row = evaluate_row(lm, args, specs, device)
-    save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
+    if not args.lora_rank:
+        save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
     lm.path = os.path.join(out, f"stage-{k}")
     record_row(res, name, row, args)
     res["stage_seconds"].append(round(train_s, 2))
     if samples is not None and "kl_to_base" in res:
-        res["kl_to_base"].append([round(kl_to_base(lm, kl_items[t], samples[t], args.format, device), 6)
-                                  if t in samples else None for t in args.tasks])
+        kl = lambda t: round(kl_to_base(lm, kl_items[t], samples[t], args.format, device), 6) \
+            if t in samples and t in kl_items else None  # noqa: E731
+        res["kl_to_base"].append([kl(t) for t in args.tasks])
+        if "kl_to_base_general" in res:  # a run started before this reading was recorded has none
+            res["kl_to_base_general"].append([kl(g) for g in args.general])
         res["general_ll"].append(general_loglik(lm, general_items(args), args.format, device))
     if rank() == 0:
         write_json(os.path.join(out, "results.json"), res)

@@ -18,12 +18,13 @@ def _torchrun(args, timeout):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
-def test_two_ranks_match_one_process(tmp_path, agg):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "dist_check.py"), str(tmp_path), "--loss_agg", agg],
+@pytest.mark.parametrize("agg,lora_rank", [("token_mean", 0), ("seq_mean", 0), ("token_mean", 4)])
+def test_two_ranks_match_one_process(tmp_path, agg, lora_rank):
+    flags = ["--loss_agg", agg, "--lora_rank", str(lora_rank)]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dist_check.py"), str(tmp_path), *flags],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    _torchrun([str(tmp_path), "--loss_agg", agg], timeout=300)
+    _torchrun([str(tmp_path), *flags], timeout=300)
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     assert len(one["losses"]) == len(two["losses"]) == 8
     assert one["reads"] == [2] and two["reads"] == [2, 0]   # model and reference: rank 1 never reads the checkpoint
@@ -33,7 +34,7 @@ def test_two_ranks_match_one_process(tmp_path, agg):
     import runtime
     back = runtime.load_model(str(tmp_path / "ckpt-world2"), "cpu").model.state_dict()
     assert all(torch.equal(back[k], two["state"][k]) for k in two["state"])
-    assert one["state"].keys() == two["state"].keys()
+    assert one["state"].keys() == two["state"].keys() and not any("lora_" in k for k in one["state"])  # merged
     worst = max((one["state"][k].float() - two["state"][k].float()).abs().max().item() for k in one["state"])
     assert worst < 1e-5
     # and training did move the weights (the comparison is not between two untouched models)
