@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cpt_rft
+import cpt_sft
 import lora
 import runtime
 from cpt_sft import sft_step
@@ -152,3 +154,17 @@ def test_a_lora_run_checkpoint_evaluates_to_its_numbers_and_resumes_alike(tmp_pa
     runtime.write_json(os.path.join(part, "results.json"), cut)
     again = run("--out", part, "--keep_stages")
     assert again["acc"] == res["acc"] and again["kl_to_base_general"] == res["kl_to_base_general"]
+
+
+def test_bad_lora_flags_are_refused_before_any_work(tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        cpt_sft.main(["--lora_rank", "-1", "--out", out])
+    assert "--lora_rank -1: must be 0 (full fine-tuning) or more" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        cpt_rft.main(["--lora_alpha", "16", "--out", out])   # alpha alone would change nothing: said, not ignored
+    assert "without --lora_rank it would do nothing" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        cpt_rft.main(["--lora_rank", "8", "--lora_alpha", "0", "--out", out])
+    assert "--lora_alpha 0.0: must be a positive number" in str(e.value)
+    assert not os.path.exists(out)
