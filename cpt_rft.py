@@ -23,11 +23,14 @@ add exactly zero) but still count in the normaliser; --skip_zero_var drops them 
 whose every group is silent takes no optimizer step at all (AdamW's momentum and weight decay would still move the
 weights). --rif MODE drops zero-variance instances before the stage (rollouts.filter_items, as filter.py does).
 A non-finite reward, loss, gradient norm or logit stops the run before the optimizer steps on it.
+With --lora_rank R only low-rank adapters on the decoder's linear layers train (lora.py; the vision tower and
+everything else frozen); each stage's checkpoint has them merged into plain weights.
 After each stage the model is evaluated on every task and on the held-out general tasks (loop.Run.finish_stage).
 
     python3 cpt_rft.py                                # the tiny default, a few minutes on 2 CPU cores
     python3 cpt_rft.py --multitask                    # all tasks at once: the upper bound
     python3 cpt_rft.py --rif zero_variance            # RIF-RFT (P1)
+    python3 cpt_rft.py --lora_rank 8 --lr 1e-3        # LoRA-GRPO: rank-8 adapters on the decoder only (lora.py)
     python3 cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --format boxed --lr 1e-6 \\
         --kl_coef 0.01 --group 8 --max_new_tokens 512
     torchrun --standalone --nproc_per_node=8 cpt_rft.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\

@@ -23,12 +23,15 @@ After each stage the model is evaluated on every task and on the held-out genera
 With self, oracle and voice ranks then hold different
 numbers of targets; every rank still runs the same number of forwards (runtime.equal_chunks), as FSDP requires.
 A non-finite loss or gradient norm stops the run before the optimizer steps on it (runtime.Diverged).
+With --lora_rank R only low-rank adapters on the decoder's linear layers train (lora.py; the vision tower and
+everything else frozen); each stage's checkpoint has them merged into plain weights.
 
     python3 cpt_sft.py                                # the tiny default, a few minutes on 2 CPU cores
     python3 cpt_sft.py --multitask                    # all tasks at once: the upper bound
     python3 cpt_sft.py --sft_data self                # SFT on the model's own correct rollouts (P2)
     python3 cpt_sft.py --sft_data oracle              # SFT on the base's own correct samples (RL's Razor)
     python3 cpt_sft.py --sft_data voice               # the canonical answers, said in the model's own words
+    python3 cpt_sft.py --lora_rank 8 --lr 1e-3        # LoRA-SFT: rank-8 adapters only, merged into each checkpoint
     python3 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
     torchrun --standalone --nproc_per_node=8 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\
         --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed

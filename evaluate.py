@@ -11,6 +11,7 @@ With T CPT tasks and A[t][j] written 1-based (task j is learned at stage j):
   Gain       = mean_j ( A[j][j] - A[0][j] )                       plasticity: right-after-learning minus base
   Retention  = mean_g ( A[T][g] - A[0][g] )                       general tasks g: last row minus base row
   KL         = mean_j KL_T[j]        the forward KL(base || final model) on CPT task j's prompts, nats (RL's Razor)
+  KLgen      = mean_g KLgen_T[g]     the same on the general tasks' prompts (where damage the first misses shows)
   GenLL      = mean_g ( LL_T[g] - LL_0[g] )   change of the general tasks' gold-answer log-likelihood, nats per item
 A multi-task run has one stage ("multitask"): AvgAcc, Gain (A[1][j] - A[0][j]) and Retention apply; FM, BWT and
 FWT do not. All numbers are in accuracy points (percent). Runs that differ only by --seed are shown as mean +- std
@@ -29,6 +30,8 @@ import statistics
 
 import runtime
 from flags import MAX_EVAL_ITEMS, NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
+from lora import default_alpha
+from loop import with_later_settings
 from measure import eval_items, evaluate_task
 from data.rewards import FORMATS
 from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, task_name
@@ -61,12 +64,18 @@ def metrics(acc, n_tasks):
 
 
 def distance_metrics(res):
-    """KL to the base after the last stage (mean over the CPT tasks) and the change of the general tasks' gold
-    log-likelihood, from results.json's "kl_to_base" and "general_ll" rows (None when the run has none)."""
-    kl = res.get("kl_to_base") or [[]]
+    """KL to the base after the last stage (mean over the CPT tasks, and over the general tasks) and the change of the
+    general tasks' gold log-likelihood, from results.json's "kl_to_base", "kl_to_base_general" and "general_ll" rows
+    (None when the run has none: runs recorded before kl_to_base_general have no KLgen)."""
     ll = res.get("general_ll") or [[]]
     d = [b - a for a, b in zip(ll[0], ll[-1]) if a is not None and b is not None] if len(ll) > 1 else []
-    return {"KL": _mean([x for x in kl[-1] if x is not None]) if len(kl) > 1 else None, "GenLL": _mean(d)}
+    return {"KL": last_mean(res.get("kl_to_base")), "KLgen": last_mean(res.get("kl_to_base_general")),
+            "GenLL": _mean(d)}
+
+
+def last_mean(rows):
+    """The mean of the last row of a per-stage reading (None where there is no stage after the base's row)."""
+    return _mean(rows[-1]) if rows and len(rows) > 1 else None
 
 
 def stage_changes(res):
@@ -151,6 +160,7 @@ def load_run(path):
             all(k in res for k in ("rows", "acc", "columns")) and "tasks" in res["config"]):
         raise SystemExit(f"error: {res_path} is not the results file of a run of this project (it lacks 'config', "
                          f"'rows', 'acc' or 'columns'): leave it out")
+    res["config"] = with_later_settings(res["config"])  # a run recorded before --lora_rank was full fine-tuning
     res["path"] = path
     res["n_tasks"] = len(res["config"]["tasks"])
     res["stages"] = 1 if res["config"].get("multitask") else res["n_tasks"]
@@ -164,6 +174,9 @@ def label(res):
     """A run's name without its seed: script, multitask, and the flags that differ from the defaults."""
     c = res["config"]
     name = c["script"] + ("-multitask" if c.get("multitask") else "")
+    if c.get("lora_rank"):
+        name += f" lora_rank={c['lora_rank']}" + ("" if c.get("lora_alpha") == default_alpha(c["lora_rank"]) else
+                                                 f" lora_alpha={c.get('lora_alpha')}")
     for k in ("lr", "rif", "sft_data", "adv", "kl_coef", "format", "skip_zero_var", "loss_agg"):
         default = {"rif": "none", "sft_data": "gold", "adv": "grpo", "kl_coef": 0.0, "format": "free",
                    "skip_zero_var": False, "loss_agg": "token_mean"}.get(k)
@@ -189,7 +202,7 @@ def group_runs(runs):
         # settings that differ from another group of the same script (SFT's flags are not RFT's)
         family = [g[0]["config"] for g in groups.values()
                   if (g[0]["config"]["script"], g[0]["config"].get("multitask")) == (c["script"], c.get("multitask"))]
-        varying = sorted(k for k in c if k not in ("seed", "world", "lr") and
+        varying = sorted(k for k in c if k not in ("seed", "world", "lr", "lora_rank", "lora_alpha") and
                          len({json.dumps(f.get(k)) for f in family}) > 1)
         name = label(rs[0])
         out[name + "".join(f" {k}={c.get(k)}" for k in varying if f" {k}=" not in name)] = rs
@@ -198,7 +211,7 @@ def group_runs(runs):
 
 # ----------------------------------------------------------------------------- report
 
-KEYS = ("AvgAcc", "FM", "BWT", "FWT", "Gain", "Retention", "KL", "GenLL")
+KEYS = ("AvgAcc", "FM", "BWT", "FWT", "Gain", "Retention", "KL", "KLgen", "GenLL")
 
 
 def summary(groups):
@@ -218,18 +231,39 @@ def fmt_ms(ms, digits=1):
     return f"{m:+.{digits}f} ± {s:.{digits}f}" if s else f"{m:+.{digits}f}"
 
 
+def skill_retention(acc, n_tasks):
+    """Per general task g: A[T][g] - A[0][g] in points (None where either is None): Retention before the mean."""
+    return [None if a is None or b is None else 100.0 * (a - b) for a, b in zip(acc[-1][n_tasks:], acc[0][n_tasks:])]
+
+
+def skill_table(groups):
+    """Markdown lines: each group's retention per general task, mean +- std over seeds."""
+    first = next(iter(groups.values()))[0]
+    skills = first["columns"][first["n_tasks"]:]
+    if not skills:
+        return []
+    lines = ["Retention per general task (points, last row minus base):", "",
+             "| run | " + " | ".join(skills) + " |", "|---|" + "---|" * len(skills)]
+    for name, runs in groups.items():
+        per = [skill_retention(r["acc"], r["n_tasks"]) for r in runs]
+        lines.append(f"| {name} | " + " | ".join(fmt_ms(mean_std([p[g] for p in per if g < len(p)]))
+                                                for g in range(len(skills))) + " |")
+    return lines + [""]
+
+
 def markdown(groups):
     summ = summary(groups)
     lines = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for name, s in summ.items():
-        cells = [fmt_ms(s[k]).lstrip("+") if k == "AvgAcc" else fmt_ms(s[k], 3 if k in ("KL", "GenLL") else 1)
-                 for k in KEYS]
+        cells = [fmt_ms(s[k]).lstrip("+") if k == "AvgAcc" else
+                 fmt_ms(s[k], 3 if k in ("KL", "KLgen", "GenLL") else 1) for k in KEYS]
         lines.append(f"| {name} | {s['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", "Points of accuracy (%). AvgAcc: final accuracy on the CPT tasks; FM: P1's forgetting (<= 0); "
               "BWT/FWT: backward/forward transfer; Gain: new-task gain right after learning; Retention: general "
               "tasks, last minus base. KL: forward KL(base || final model) on the CPT tasks' prompts, nats per "
-              "prompt, estimated on the base's own samples; GenLL: change of the general tasks' gold-answer "
-              "log-likelihood, nats per item.", ""]
+              "prompt, estimated on the base's own samples; KLgen: the same on the general tasks' prompts; GenLL: "
+              "change of the general tasks' gold-answer log-likelihood, nats per item.", ""]
+    lines += skill_table(groups)
     diag = [(name, variance_diagnostic([row for r in runs for row in r["log"]])) for name, runs in groups.items()]
     diag = [(n, d) for n, d in diag if d["steps"]]
     if diag:
@@ -399,16 +433,18 @@ def frontier(groups, path):
 
 def arm(config):
     """The picture's colour class of a run: SFT on labels (gold), RFT, SFT on the model's own or the base's own
-    samples (self, oracle: the on-policy data controls), or SFT on labels in the model's words (voice). Index into
-    PALETTE and ARM_LEGEND."""
+    samples (self, oracle: the on-policy data controls), SFT on labels in the model's words (voice), or a LoRA run
+    (LoRA-SFT of any data, LoRA-RFT). Index into PALETTE and ARM_LEGEND."""
+    if config.get("lora_rank"):
+        return 4 if config["script"] == "sft" else 5
     if config["script"] != "sft":
         return 1
     return {"gold": 0, "voice": 3}.get(config.get("sft_data", "gold"), 2)
 
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-ARM_LEGEND = ("SFT on labels", "RFT", "SFT on own / base samples", "SFT on labels in own words")  # blue, red,
-# green, orange
+ARM_LEGEND = ("SFT on labels", "RFT", "SFT on own / base samples", "SFT on labels in own words", "LoRA-SFT",
+              "LoRA-RFT")  # blue, red, green, orange, purple, brown
 
 
 def kl_points(runs):

@@ -13,6 +13,7 @@ import tempfile
 from data.rewards import FORMATS
 from data.tasks import (BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, answer_text, distinct_items,
                         load_split, task_name)
+from lora import default_alpha
 from runtime import (DEFAULT_MODEL, is_vlm_config, messages, model_config, planned_world, set_pixel_bounds,
                      split_model_path, text_config)
 
@@ -59,6 +60,13 @@ def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate ({lr_note})")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="R > 0: LoRA instead of full fine-tuning, y = W x + (alpha / R) B A x on every linear layer of\n"
+                        "the language model's decoder blocks; only A and B train, everything else (embeddings, LM\n"
+                        "head, the vision tower) stays frozen. A fresh adapter each stage, merged into the stage's\n"
+                        "checkpoint (plain weights). 0: full fine-tuning")
+    g.add_argument("--lora_alpha", type=float, default=None,
+                   help="LoRA's alpha (None: 2R, so that alpha / R is 2 at every rank and a rate carries across ranks)")
     g = p.add_argument_group("memory (real models)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing in the decoder and vision blocks")
     g.add_argument("--min_pixels", type=int, default=None, help="image processor's min pixels (image tokens grow "
@@ -71,6 +79,8 @@ def settle_defaults(args):
     """The defaults that depend on another flag, filled in once (results.json records the values used)."""
     args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[args.format]
     args.eval_max_new_tokens = args.eval_max_new_tokens or NEW_TOKENS[args.format]
+    if args.lora_rank > 0 and args.lora_alpha is None:
+        args.lora_alpha = float(default_alpha(args.lora_rank))
     return args
 
 
@@ -110,7 +120,8 @@ def input_errors(args, positive=(), at_least_two=()):
     with_images, file_items = set(), []
     for spec in list(args.tasks) + list(args.general):
         try:
-            splits = {split: load_split(spec, split, 1 if spec in BUILTIN else None) for split in ("train", "val", "test")}
+            splits = {split: load_split(spec, split, 1 if spec in BUILTIN else None)
+                      for split in ("train", "val", "test")}
         except DataError as e:
             errors.append(str(e))
             continue
@@ -157,6 +168,12 @@ def number_errors(args, positive=(), at_least_two=()):
         if getattr(args, name) < 2:
             errors.append(f"--{name} {getattr(args, name)}: must be at least 2 (a group of one has no baseline to "
                           f"compare with, so its advantage is 0/0)")
+    if args.lora_rank < 0:
+        errors.append(f"--lora_rank {args.lora_rank}: must be 0 (full fine-tuning) or more")
+    if args.lora_alpha is not None and args.lora_rank == 0:
+        errors.append(f"--lora_alpha {args.lora_alpha}: LoRA's scale, without --lora_rank it would do nothing")
+    elif args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        errors.append(f"--lora_alpha {args.lora_alpha}: must be a positive number")
     if not (math.isfinite(args.lr) and args.lr > 0):
         errors.append(f"--lr {args.lr}: must be a positive number")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
@@ -274,9 +291,10 @@ def too_long(model, cfg, tok, items, fmt, new_tokens, min_pixels=None, max_pixel
         answer = len(tok(answer_text(it["answer"], fmt), add_special_tokens=False)["input_ids"]) + 1
         if prompt + max(new_tokens, answer) > context:
             longer = f"answer is {answer}" if answer > new_tokens else f"reply budget is {new_tokens}"
+            fix = "answer" if answer > new_tokens else "problem (or its images: --max_pixels)"
             errors.append(f"{it.get('where', '?')}: the prompt is {prompt} tokens"
                           f"{' with its images' if it['images'] else ''} and the {longer}; {model} reads at most "
-                          f"{context}: shorten the {'answer' if answer > new_tokens else 'problem (or its images: --max_pixels)'}")
+                          f"{context}: shorten the {fix}")
             if len(errors) == limit:
                 errors.append("... (more lines too long)")
                 break

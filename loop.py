@@ -58,6 +58,7 @@ class Run:
         self.counts, self.split = eval_counts(args), args.eval_split  # evaluation items per spec, and their split
         self.eval_tokens, self.eval_batch = args.eval_max_new_tokens, args.eval_batch
         self.kl_n, self.kl_samples, self.keep_stages = args.kl_n, args.kl_samples, args.keep_stages
+        self.grad_ckpt, self.lora_rank, self.lora_alpha = args.grad_ckpt, args.lora_rank, args.lora_alpha
         self.res_path = os.path.join(self.out, "results.json")
         columns = [task_name(s) for s in self.specs]
         self.res = read_or_start_results(self.res_path, columns, run_config(args, script))
@@ -82,7 +83,9 @@ class Run:
             if self.lm.is_vlm:
                 print0("image tokens per sample: " + ", ".join(
                     f"{k} {v}" for k, v in image_tokens(self.lm, self.specs).items()))
-            kl_items = {t: eval_items(t, args.eval_n, self.split)[:self.kl_n] for t in self.tasks}
+            # the KL to the base on the CPT tasks' prompts, and on the general tasks' (where damage the first misses
+            # shows)
+            kl_items = {t: eval_items(t, self.counts[t], self.split)[:self.kl_n] for t in self.specs}
             self.kl_items = {t: v for t, v in kl_items.items()
                              if v and (self.lm.is_vlm or not any(it["images"] for it in v))}
             samples = self.base_row() if not self.res["rows"] else None
@@ -134,6 +137,7 @@ class Run:
         samples = cached_base("kl-samples", *key, draw_samples, per_rank=True, tasks=sorted(self.kl_items),
                               kl_n=self.kl_n, kl_samples=self.kl_samples, seed=self.seed, eval_tokens=self.eval_tokens)
         self.res["kl_to_base"] = [[0.0 if t in self.kl_items else None for t in self.tasks]]
+        self.res["kl_to_base_general"] = [[0.0 if g in self.kl_items else None for g in self.general]]
         self.res["general_ll"] = [cached_base("general-ll", *key,
                                               lambda: general_loglik(lm, self.general_items(), self.fmt, device),
                                               general=self.general, kl_n=self.kl_n)]
@@ -178,9 +182,15 @@ class Run:
     def pending_stages(self):
         """The stages not yet finished, in order. Before each is handed to the script: the stage's seed, the model
         back to its shards (the evaluation passes leave the root gathered, and the stage's optimizer must see the
-        shards), and its clock."""
+        shards), and its clock. Under LoRA, fresh adapters on the stage's start weights (lora.py: why one adapter
+        per stage)."""
         for stage in self.stages[self.done:]:
             self.at = f"in stage {stage.k} ({stage.name})"
+            if self.lora_rank:
+                self.lm.model = None
+                self.lm.model = load_model(self.lm.path, self.device, grad_ckpt=self.grad_ckpt,
+                                           lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                                           lora_seed=seed_all(self.seed, stage.k, "lora")).model
             self.t0, self.first_line = time.time(), len(self.log.rows)
             seed_all(self.seed, stage.k, stage.name)
             reshard(self.lm)
@@ -192,15 +202,23 @@ class Run:
         k, name, out, lm, res = stage.k, stage.name, self.out, self.lm, self.res
         train_s = time.time() - self.t0
         stage_rows = [r for r in self.log.rows[self.first_line:] if r.get("stage") == k and "step" in r]
+        if self.lora_rank:  # the adapters merged into plain weights, and those evaluated: the checkpoint's numbers
+            save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
+            lm.model = None
+            lm.model = load_model(os.path.join(out, f"stage-{k}"), self.device).model
         seed_all(self.seed, "eval")
         row = self.evaluate_row()
-        save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
+        if not self.lora_rank:
+            save_checkpoint(lm, os.path.join(out, f"stage-{k}"))
         lm.path = os.path.join(out, f"stage-{k}")
         self.record_row(name, row)
         res["stage_seconds"].append(round(train_s, 2))
         if self.samples is not None and "kl_to_base" in res:
-            res["kl_to_base"].append([round(kl_to_base(lm, self.kl_items[t], self.samples[t], self.fmt, self.device), 6)
-                                      if t in self.samples else None for t in self.tasks])
+            kl = lambda t: round(kl_to_base(lm, self.kl_items[t], self.samples[t], self.fmt, self.device), 6) \
+                if t in self.samples and t in self.kl_items else None  # noqa: E731
+            res["kl_to_base"].append([kl(t) for t in self.tasks])
+            if "kl_to_base_general" in res:  # a run started before this reading was recorded has none
+                res["kl_to_base_general"].append([kl(g) for g in self.general])
             res["general_ll"].append(general_loglik(lm, self.general_items(), self.fmt, self.device))
         if rank() == 0:
             write_json(self.res_path, res)
@@ -221,9 +239,9 @@ class Run:
         name = self.stages[k - 1].name
         last = self.log.last if hasattr(self, "log") else {}
         step = last.get("step") if last.get("stage") == k else None
-        return (f"error: stage {k} ({name}) diverged {'after step ' + str(step) if step is not None else 'in its first step'}"
-                f": {error}. The likely cause is a learning rate too high for this model (--lr {self.lr}). "
-                f"{self.res_path} keeps the {k - 1} finished stage(s)" +
+        when = f"after step {step}" if step is not None else "in its first step"
+        return (f"error: stage {k} ({name}) diverged {when}: {error}. The likely cause is a learning rate too high "
+                f"for this model (--lr {self.lr}). {self.res_path} keeps the {k - 1} finished stage(s)" +
                 (f" and {os.path.join(self.out, f'stage-{k - 1}')}" if k > 1 else "") +
                 "; rerun with a smaller --lr in a new --out.")
 
@@ -255,6 +273,16 @@ def run_config(args, script):
     return {**config, "script": script}
 
 
+# settings added after runs had been recorded: a results.json without them was written with these values
+LATER_SETTINGS = {"lora_rank": 0, "lora_alpha": None}
+
+
+def with_later_settings(config):
+    """A recorded config with the settings it predates filled in (so an old run still resumes, and groups with new
+    runs of the same command)."""
+    return {**LATER_SETTINGS, **config}
+
+
 def read_or_start_results(res_path, columns, config):
     """An existing results.json of the same command (to resume), or a fresh one; another command's is refused."""
     if not os.path.exists(res_path):
@@ -267,6 +295,7 @@ def read_or_start_results(res_path, columns, config):
     if not (isinstance(old, dict) and isinstance(old.get("config"), dict) and isinstance(old.get("rows"), list)):
         raise SystemExit(f"error: {res_path} is not the results file of a run of this project (no 'config' or "
                          f"'rows'); use another --out, or move the file away")
+    old["config"] = with_later_settings(old["config"])
     differ = sorted(k for k in set(old["config"]) | set(config) if k != "world" and
                     old["config"].get(k) != config.get(k))
     if differ:

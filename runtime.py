@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.tasks import FORMAT_INSTRUCTIONS, answer_text, open_image
+from lora import apply_lora, merged, scale_of, trainable_parameters
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "data", "tiny-base")
@@ -241,22 +242,26 @@ def is_vlm_config(cfg):
     return getattr(cfg, "vision_config", None) is not None
 
 
-def load_model(path, device, dtype=torch.float32, grad_ckpt=False, what=None, advice=None):
+def load_model(path, device, dtype=torch.float32, grad_ckpt=False, what=None, advice=None, lora_rank=0,
+               lora_alpha=None, lora_seed=0):
     """Load any HF checkpoint folder or .gguf file (dequantised). A config with a vision tower is a VLM (tokenizer
     + image processor); anything else is a text-only causal LM. Under torchrun the model comes back FSDP2-sharded,
     and only rank 0 ever reads (or holds) the whole of it (`_load_sharded`). grad_ckpt: activation checkpointing.
     `what` / `advice`: how an unreadable checkpoint is named and what the user can do (default: --model, copy it
-    again)."""
+    again). lora_rank > 0: fresh LoRA adapters on the decoder's linear layers, everything else frozen (lora.py),
+    applied before sharding."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     cfg = model_config(path)
     folder, gguf = split_model_path(path)
     kw = {"gguf_file": gguf} if gguf else {}
     tok, improc = load_processors(path)
     cls = AutoModelForImageTextToText if is_vlm_config(cfg) else AutoModelForCausalLM
+    adapt = (lambda m: apply_lora(m, lora_rank, lora_alpha, lora_seed)) if lora_rank else (lambda m: None)
     if is_dist():
-        model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, what, advice)
+        model = _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, adapt, what, advice)
     else:
         model = _plain(_from_pretrained(cls, path, folder, dtype, kw, what, advice)).to(device)
+        adapt(model)
         if grad_ckpt:
             enable_activation_checkpointing(model)
     lm = Bundle(model, tok, improc)
@@ -317,15 +322,18 @@ def is_activation_checkpointing(model):
     return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
-def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, what=None, advice=None):
+def _load_sharded(cls, cfg, folder, kw, device, dtype, grad_ckpt, adapt, what=None, advice=None):
     """FSDP2 loading without a whole copy per GPU: every rank builds the model on the meta device (no memory) and
     shards it, then allocates only its own shard on `device`; rank 0 alone reads the checkpoint (into CPU memory)
     and sends each rank its part. Buffers that are not in the state dict (rotary frequencies) are sent as they
-    are."""
+    are. `adapt` (LoRA) changes both copies alike before sharding; rank 0's adapters, seeded, are the ones sent."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full = _plain(_from_pretrained(cls, folder, folder, dtype, kw, what, advice)) if rank() == 0 else None
+    if full is not None:
+        adapt(full)
     with torch.device("meta"):
         model = cls.from_config(cfg, dtype=dtype)
+    adapt(model)
     if grad_ckpt:
         enable_activation_checkpointing(model)
     _fully_shard_blocks(model, device)
@@ -352,7 +360,7 @@ def adamw_options(device):
 
 def adamw(model, lr, weight_decay, device):
     """The training scripts' optimizer. Build it after reshard(lm) (see there)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **adamw_options(device))
+    return torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay, **adamw_options(device))
 
 
 def configure(lm, min_pixels=None, max_pixels=None):
@@ -780,9 +788,10 @@ def full_state_dict(model):
 
 def save_checkpoint(lm, path):
     """A folder that from_pretrained loads back, written to a temporary name and renamed (never half-written),
-    with the checkpoint's own generation_config (which `sample` never reads)."""
+    with the checkpoint's own generation_config (which `sample` never reads). LoRA adapters are merged into their
+    weights: the folder holds plain weights."""
     from safetensors import SafetensorError
-    sd = full_state_dict(lm.model)
+    sd = merged(full_state_dict(lm.model), scale_of(lm.model))
     if rank() == 0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)

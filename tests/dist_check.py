@@ -2,7 +2,8 @@
 on fixed data with the same global batch, FSDP2-sharded when distributed; rank 0 writes losses and a full state
 dict to OUT. tests/test_dist.py compares the two runs. The later steps give the ranks uneven work, as self-SFT
 (different numbers of correct rollouts, one rank none), silent GRPO groups and RIF do: 3 + 1 and 4 + 0 items,
-a KL term to a reference model; the model is then saved by save_checkpoint and loaded back. `--lengths` instead checks that ranks generating different
+a KL term to a reference model; the model is then saved by save_checkpoint and loaded back. `--lora_rank R`: the
+same with LoRA adapters (applied before sharding; only they train; the checkpoint is merged). `--lengths` instead checks that ranks generating different
 lengths (rank 0 stops at once, rank 1 never) do not hang under synced_gpus."""
 import argparse
 import gc
@@ -12,6 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora  # noqa: E402
 import runtime  # noqa: E402
 from cpt_rft import GRPOConfig, grpo_update  # noqa: E402
 from cpt_sft import sft_step  # noqa: E402
@@ -23,6 +25,7 @@ def main():
     p.add_argument("out")
     p.add_argument("--lengths", action="store_true")
     p.add_argument("--loss_agg", default="token_mean")
+    p.add_argument("--lora_rank", type=int, default=0)
     a = p.parse_args()
     torch.use_deterministic_algorithms(True)
     rank, world, device = runtime.init_dist()
@@ -35,7 +38,8 @@ def main():
         return read(cls, *args, **kw)
     transformers.AutoModelForImageTextToText.from_pretrained = classmethod(counting)
     torch.manual_seed(0)
-    b = runtime.load_model(runtime.DEFAULT_MODEL, device)   # sharded under torchrun: rank 0 reads, all get a shard
+    # sharded under torchrun: rank 0 reads, all get a shard
+    b = runtime.load_model(runtime.DEFAULT_MODEL, device, lora_rank=a.lora_rank, lora_alpha=2.0 * a.lora_rank)
     if a.lengths:
         eos_bias = torch.zeros(b.model.config.text_config.vocab_size)
         eos_bias[b.eos_id] = 50.0 if rank == 0 else -1e9  # rank 0: one token; rank 1: the whole budget
@@ -54,7 +58,7 @@ def main():
     # the labels are said in the base's voice ("It is red."): the bare answers cost ~15 nats a token under it, and
     # SGD at this rate on such losses throws the model far enough that the GRPO steps' gradient norms reach 1e5
     voice = lambda answer: runtime.target_ids(b, f"It is {answer}.", "plain")
-    opt = torch.optim.SGD(b.model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(lora.trainable_parameters(b.model), lr=0.05)
     losses = []
     per = 8 // world
     for step in range(3):
@@ -85,7 +89,7 @@ def main():
         extra = (7, 2) if world == 1 else ((7, 2) if rank == 0 else (0, 0))
         m = grpo_update(b, ref, opt, mine, args, device, filler=pool[0], normaliser_extra=extra)
         losses.append(m["grad_norm"])
-    sd = runtime.full_state_dict(b.model)
+    sd = lora.merged(runtime.full_state_dict(b.model), lora.scale_of(b.model))  # what save_checkpoint writes
     runtime.save_checkpoint(b, os.path.join(a.out, f"ckpt-world{world}"))
     reads = runtime.all_sum([reads[0] if r == rank else 0 for r in range(world)], device)
     if rank == 0:

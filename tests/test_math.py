@@ -303,7 +303,16 @@ def test_distance_metrics_read_results_rows():
     res = {"kl_to_base": [[0.0, 0.0], [0.2, None], [0.4, 0.2]], "general_ll": [[-1.0, -2.0], [-1.5, -2.0], [-2.0, -2.5]]}
     d = distance_metrics(res)
     assert d["KL"] == pytest.approx(0.3) and d["GenLL"] == pytest.approx((-1.0 - 0.5) / 2)
-    assert distance_metrics({}) == {"KL": None, "GenLL": None}
+    assert d["KLgen"] is None                       # a run recorded before the general tasks' KL
+    res["kl_to_base_general"] = [[0.0, 0.0, None], [0.1, 0.3, None], [0.5, 1.5, None]]
+    assert distance_metrics(res)["KLgen"] == pytest.approx((0.5 + 1.5) / 2)   # the last row; None: not measured
+    assert distance_metrics({}) == {"KL": None, "KLgen": None, "GenLL": None}
+
+
+def test_skill_retention_by_hand():
+    from evaluate import skill_retention
+    # 1 CPT task, general g1, g2: base [0.5, 0.9, 0.6], last [0.8, 0.7, None] -> g1 70 - 90 = -20; g2 not measured
+    assert skill_retention([[0.5, 0.9, 0.6], [0.7, 0.8, 0.5], [0.8, 0.7, None]], 1) == pytest.approx([-20.0, None])
 
 
 def test_stage_changes_by_hand():
@@ -328,6 +337,20 @@ def test_pictures_colour_the_on_policy_data_controls_apart():
     assert arm({"script": "sft", "sft_data": "gold"}) == 0 and arm({"script": "sft"}) == 0
     assert arm({"script": "sft", "sft_data": "voice"}) == 3 and arm({"script": "sft", "sft_data": "oracle"}) == 2
     assert arm({"script": "sft", "sft_data": "self"}) == 2 and arm({"script": "sft", "sft_data": "oracle"}) == 2
+    assert arm({"script": "sft", "lora_rank": 8}) == 4 and arm({"script": "rft", "lora_rank": 8}) == 5  # LoRA arms
+    assert arm({"script": "sft", "lora_rank": 0}) == 0                                                 # full SFT
+
+
+def test_a_lora_runs_label_names_its_rank_and_an_old_run_groups_with_a_new_full_one():
+    from evaluate import group_runs, label
+    from loop import with_later_settings
+    assert label({"config": {"script": "sft", "lora_rank": 8, "lora_alpha": 16.0, "lr": 1e-3}}) == \
+        "sft lora_rank=8 lr=0.001"                                             # alpha 2R, the default: not shown
+    assert label({"config": {"script": "sft", "lora_rank": 8, "lora_alpha": 8.0, "lr": 1e-3}}) == \
+        "sft lora_rank=8 lora_alpha=8.0 lr=0.001"
+    old = {"config": with_later_settings({"script": "sft", "lr": 1e-5, "seed": 0})}   # recorded before LoRA
+    new = {"config": {"script": "sft", "lr": 1e-5, "seed": 1, "lora_rank": 0, "lora_alpha": None}}
+    assert list(group_runs([old, new]).values()) == [[old, new]]              # two seeds of one setting
 
 
 def test_first_token_entropy_kl_and_mass_by_hand():
