@@ -33,8 +33,8 @@ REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 # LoRA-SFT (canonical labels): rank 8, alpha 16 (flags.py's default 2R); LoRA wants rates ~10x full fine-tuning's,
 # so its grid starts where full SFT's ends
 LORA=(--lora_rank ${LORA_RANK:-8})
-LORA_LRS=${LORA_LRS:-"1e-4 3e-4 1e-3"}
-LORA_LR=${LORA_LR:-1e-3}            # the embedded default's: not yet chosen by --sweep (docs/findings.md)
+LORA_LRS=${LORA_LRS:-"3e-5 1e-4 3e-4 1e-3"}
+LORA_LR=${LORA_LR:-3e-5}            # the embedded default's: best validation AvgAcc of --sweep (the grid's low edge)
 REAL_LORA_LR=${REAL_LORA_LR:-1e-4}  # the real model's: best validation AvgAcc of --real-sweep (the grid's low edge)
 REAL_TASKS=${REAL_TASKS:-"add parity"}
 REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
