@@ -289,8 +289,9 @@ def run_stage(lm, res, args, k, name, stage_specs, train_stage, log, specs, kl_i
     record_row(res, name, row, args)
     res["stage_seconds"].append(round(train_s, 2))
     if samples is not None and "kl_to_base" in res:
-        kl = lambda t: round(kl_to_base(lm, kl_items[t], samples[t], args.format, device), 6) \
-            if t in samples and t in kl_items else None  # noqa: E731
+        def kl(t):  # None where the base's samples lack the task (an image task on a text model; an older run)
+            return round(kl_to_base(lm, kl_items[t], samples[t], args.format, device), 6) \
+                if t in samples and t in kl_items else None
         res["kl_to_base"].append([kl(t) for t in args.tasks])
         if "kl_to_base_general" in res:  # a run started before this reading was recorded has none
             res["kl_to_base_general"].append([kl(g) for g in args.general])
