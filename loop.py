@@ -214,8 +214,9 @@ class Run:
         self.record_row(name, row)
         res["stage_seconds"].append(round(train_s, 2))
         if self.samples is not None and "kl_to_base" in res:
-            kl = lambda t: round(kl_to_base(lm, self.kl_items[t], self.samples[t], self.fmt, self.device), 6) \
-                if t in self.samples and t in self.kl_items else None  # noqa: E731
+            def kl(t):  # None where the base's samples lack the task (an image task on a text model; an older run)
+                return round(kl_to_base(lm, self.kl_items[t], self.samples[t], self.fmt, self.device), 6) \
+                    if t in self.samples and t in self.kl_items else None
             res["kl_to_base"].append([kl(t) for t in self.tasks])
             if "kl_to_base_general" in res:  # a run started before this reading was recorded has none
                 res["kl_to_base_general"].append([kl(g) for g in self.general])
