@@ -104,12 +104,12 @@ class Run:
             self.lock.release()
             self.lock = None
         if error is None:
+            print0(f"results: {self.res_path}")
             # free the sharded model while its process group still exists: left to interpreter teardown, a gloo
             # rank sometimes aborted at exit ("terminate called without an active exception")
             self.lm.model = None
             gc.collect()
             cleanup()
-            print0(f"results: {self.res_path}")
         if isinstance(error, Diverged):
             raise SystemExit(self.diverged(error)) from None
         if isinstance(error, (KeyboardInterrupt, WriteFailed)):

@@ -21,7 +21,7 @@ mkdir -p "$LOGS"
 if [ $DRY = 1 ]; then
   SHAPE=tiny; STEPS=1; ROLLOUT=2x8x16; NPROC=2
   MAIN=(--tasks left_color top_color --general color --steps 2 --eval_n 16 --kl_n 0)   # the main job, cut down
-  RUN=(--tasks left_color top_color --general color --steps 1 --eval_n 8 --kl_n 0)
+  RUN=(--tasks left_color top_color --general color --steps 4 --eval_n 8 --kl_n 0)  # stage 2 outlasts a poll
   export CUDA_VISIBLE_DEVICES=""
 else
   SHAPE=3b; STEPS=3; ROLLOUT=8x8x256; NPROC=$(nvidia-smi -L 2>/dev/null | wc -l); NPROC=$(( NPROC > 0 ? NPROC : 1 ))
@@ -77,8 +77,8 @@ resumed_run() {  # a torchrun run of cpt_rft.py stopped once its first stage is 
   echo "== ${cmd[*]}: stopped after stage 1, then again"
   "${cmd[@]}" > "$LOGS/torchrun-1.log" 2>&1 &
   local pid=$! rows=0
-  for _ in $(seq 1 "$1"); do
-    sleep 1
+  for _ in $(seq 1 $(( $1 * 5 ))); do
+    sleep 0.2
     rows=$(python3 -c "import json; print(len(json.load(open('$out/results.json'))['rows']))" 2>/dev/null || echo 0)
     if [ "$rows" -ge 2 ] || ! kill -0 $pid 2>/dev/null; then break; fi
   done

@@ -193,7 +193,7 @@ def test_compare_quick(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for arm in ("sft lr=1e-05 k=8 sft_data=gold", "sft sft_data=voice lr=3e-05 k=8", "sft sft_data=self lr=0.0001 k=4",
-                "rft lr=0.0001", "sft lora_rank=8 lr=0.001 k=8 sft_data=gold"):
+                "rft lr=0.0001", "sft lora_rank=8 lr=1e-05 k=8 sft_data=gold"):
         assert f"| {arm} | 1 |" in r.stdout, arm
     assert os.path.exists(os.path.join(out, "report", "report.md"))
     assert "total wall time" in r.stdout
