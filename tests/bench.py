@@ -148,7 +148,8 @@ def main():
     p.add_argument("--rollout", default="8x8x256",
                    help="a realistic rollout measured too, PROMPTSxGxNEW_TOKENS ('' for none)")
     p.add_argument("--decode_only", action="store_true",
-                   help="only the rollouts' decode, weights in bf16 (with CPT_COMPILE_DECODE=1: the compiled step)")
+                   help="only the decode of --rollout (else of the bench's), weights in bf16 "
+                        "(with CPT_COMPILE_DECODE=1: the compiled step)")
     a = p.parse_args()
     _, world, device = runtime.init_dist()
     b = build(a.shape, device, a.grad_ckpt)
@@ -173,7 +174,7 @@ def main():
     if a.decode_only:  # inference only: bf16 weights, as FSDP2 gathers them for a rollout
         b.model.to(torch.bfloat16)
         prompt_len = runtime.encode(b, items[:1], "plain")[0]["input_ids"].shape[1]
-        for n_prompts, group, new in [(max(1, a.batch // a.group), a.group, a.max_new_tokens), *rollout_shapes(a)]:
+        for n_prompts, group, new in rollout_shapes(a) or [(max(1, a.batch // a.group), a.group, a.max_new_tokens)]:
             decode_rate(b, items, n_prompts, group, new, device, sync, hbm_bandwidth(device), n_text, cfg, prompt_len)
         runtime.print0(runtime.peak_memory(device))
         return runtime.cleanup()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path checked and measured in two calls of at most 8 minutes each (every step has its own time limit):
 #   bash tests/gpu_check.sh suite    # the test suite (pytest-xdist, one worker a core, if installed), then the
-#                                    # rollout's decode with the compiled step (CPT_COMPILE_DECODE=1, one process)
+#                                    # decode at 8x8x256 with the compiled step (CPT_COMPILE_DECODE=1, one process)
 #   bash tests/gpu_check.sh bench    # a Qwen2.5-VL-3B-shape model (random init, from a config) under torchrun FSDP2
 #                                    # in bf16, without and with activation checkpointing: SFT tokens/s and MFU, the
 #                                    # GRPO update's MFU, decode steps/s and MBU at 1x8x64 and 8x8x256; then the main
@@ -28,7 +28,8 @@ else
   MAIN=()
   RUN=(--steps 3 --eval_n 100)
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU: dry run on $(nproc) CPU cores"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null ||
+  echo "no GPU: dry run on $(nproc) CPU cores"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 FAILED=()
@@ -51,13 +52,13 @@ suite() {
   if [ $DRY = 1 ]; then
     TAIL=1 step 120 "pytest (collected only)" python3 -m pytest --collect-only -q tests
   elif python3 -c "import xdist" 2>/dev/null; then
-    step 360 "pytest -n auto tests" python3 -m pytest -q -n auto tests
+    step 330 "pytest -n auto tests" python3 -m pytest -q -n auto tests
   else
     echo "(pytest-xdist not installed: the suite in one process, which may not finish in time)"
-    step 360 "pytest tests" python3 -m pytest -q tests
+    step 330 "pytest tests" python3 -m pytest -q tests
   fi
-  step 110 "decode, compiled step" env CPT_COMPILE_DECODE=1 python3 tests/bench.py --shape "$SHAPE" --decode_only \
-    --batch 8 --group 8 --max_new_tokens 64 --rollout "$ROLLOUT"
+  step 140 "decode at $ROLLOUT, compiled step" env CPT_COMPILE_DECODE=1 python3 tests/bench.py --shape "$SHAPE" \
+    --decode_only --batch 8 --group 8 --max_new_tokens 64 --rollout "$ROLLOUT"
 }
 
 main_job() {  # from scratch: no run folder, no cached base row
