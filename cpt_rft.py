@@ -395,8 +395,9 @@ def main(argv=None):
                 for line in learning_warnings(rows):
                     tqdm.write(f"warning: grpo stage {stage.k}: {line}") if runtime.rank() == 0 else None
             runtime.print0(f"  grpo stage {stage.k}: {stage_summary(rows)}")
-            if few_correct(rows):
-                runtime.print0(f"warning: grpo stage {stage.k}: {few_correct(rows)}")
+            thin = few_correct(rows)
+            if thin:
+                runtime.print0(f"warning: grpo stage {stage.k}: {thin}")
             run.finish_stage(stage)
     return run.res
 

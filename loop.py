@@ -49,7 +49,7 @@ class Run:
     are read from the command's flags here, once; everything after takes plain values."""
 
     def __init__(self, script, args):
-        self.script, self.out = script, args.out or os.path.join("runs", script)
+        self.out = args.out or os.path.join("runs", script)
         self.model_path, self.fmt, self.seed, self.lr = args.model, args.format, args.seed, args.lr
         self.tasks, self.general = list(args.tasks), list(args.general)
         self.specs = self.tasks + self.general
