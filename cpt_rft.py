@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
-from data.tasks import Stream, load_split
+from data.tasks import Stream, askable, load_split
 from rollouts import REWARD_TOL, filter_items, rollout, score_item, zero_variance
 from flags import HelpFormatter, add_common_args, input_errors, refuse, settle_defaults
 from loop import Run
@@ -103,14 +103,6 @@ def silent_groups(rewards, estimator="grpo", baseline=None, tol=REWARD_TOL):
     return torch.tensor([zero_variance(r, tol) for r in rewards.tolist()], dtype=torch.bool)
 
 
-def format_only(scores, tol=REWARD_TOL):
-    """True when a group's rewards differ only by the format term: every sample's accuracy part is the same (all
-    wrong, typically) while the rewards are not. Normalised by the group's std, that small difference becomes
-    full-size advantages that teach the format and nothing of the task."""
-    accuracies = [s.accuracy for s in scores]
-    return zero_variance(accuracies, tol) and not zero_variance([s.reward for s in scores], tol)
-
-
 def clipped_token_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.3):
     """PPO's clipped surrogate, negated for descent: -min(rho A, clip(rho, 1-lo, 1+hi) A), per token.
     logp/old_logp [B, L], adv [B] (one advantage per sequence)."""
@@ -143,8 +135,9 @@ def aggregate(token_loss, mask, mode, n_tokens, n_seqs, max_len):
 
 # ----------------------------------------------------------------------------- one GRPO step
 
-def grpo_step(lm, ref, opt, items, cfg, device, probe=None):
-    """Rollout, advantages and the update on this rank's prompts (cfg: a GRPOConfig); returns the step's metrics."""
+def grpo_step(lm, ref, opt, items, cfg, device):
+    """One GRPO step on this rank's prompts (cfg: a GRPOConfig): rollout, rewards, advantages, update. Returns the
+    scored rollout, its [groups, G] rewards, the silent groups and the update's stats (step_metrics reads them)."""
     t0 = time.time()
     table = rollout(lm, items, cfg.format, cfg.group, cfg.temperature, cfg.max_new_tokens, device,
                     cfg.gen_batch)
@@ -156,8 +149,7 @@ def grpo_step(lm, ref, opt, items, cfg, device, probe=None):
                                  for c, it in zip(greedy, items)])
     silent = silent_groups(rewards, cfg.adv, baseline)
     adv = group_advantages(rewards, cfg.adv, baseline).masked_fill(silent.unsqueeze(1), 0.0)
-    t_roll = time.time() - t0
-    m = rollout_metrics(table, rewards, silent, cfg.group, device)
+    rollout_s = time.time() - t0
 
     # flatten groups into (item, completion, advantage); --skip_zero_var drops the silent groups. Without the KL
     # term a silent group adds exactly nothing to the gradient (A = 0), so its sequences are not run through the
@@ -174,33 +166,8 @@ def grpo_step(lm, ref, opt, items, cfg, device, probe=None):
     t1 = time.time()
     update = grpo_update(lm, ref, opt, seqs, cfg, device, filler=items[0],
                          normaliser_extra=(silent_tokens, silent_seqs))
-    m.update(update, rollout_s=round(t_roll, 3), update_s=round(time.time() - t1, 3),
-             rollout_tok_per_s=round(m.pop("rollout_tokens") / max(t_roll, 1e-9), 1))
-    runtime.check_finite(reward=m["reward"])
-    if probe is not None:
-        m["general_ll_delta"] = probe()
-    return m
-
-
-def rollout_metrics(table, rewards, silent, group, device):
-    """What a step's rollout says, summed over ranks: mean reward and accuracy, the shares of zero-variance,
-    silent and format-only groups, of prompts with a correct sample and of replies cut at the budget, the mean
-    completion length and group reward variance (and the rollout's tokens, for its speed)."""
-    tokens = sum(len(c) for row in table for c in row["completions"])
-    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, tokens, var_sum, n_any, n_format_only = \
-        runtime.all_sum([rewards.sum().item() / group, len(table),
-                         sum(zero_variance(row["rewards"]) for row in table), int(silent.sum()),
-                         sum(s.correct for row in table for s in row["scores"]),
-                         sum(t for row in table for t in row["truncated"]), tokens,
-                         rewards.var(1, correction=0).sum().item(),
-                         sum(any(s.correct for s in row["scores"]) for row in table),
-                         sum(format_only(row["scores"]) for row in table)], device)
-    n_samples = n_groups * group
-    return {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero_var / n_groups,
-            "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples,
-            "completion_len": tokens / n_samples, "reward_var": var_sum / n_groups,
-            "prompts_with_correct": n_any / n_groups, "format_only_groups": n_format_only / n_groups,
-            "rollout_tokens": tokens}
+    update.update(rollout_s=round(rollout_s, 3), update_s=round(time.time() - t1, 3))
+    return table, rewards, silent, update
 
 
 def grpo_update(lm, ref, opt, seqs, cfg, device, filler=None, normaliser_extra=(0, 0)):
@@ -260,7 +227,7 @@ def _logp(lm, micro_batch, cfg, device):
 def general_probe(lm, specs, n, fmt, device):
     """A closure measuring the change of the mean log-likelihood of the general tasks' gold answers since its last
     call: P1's interference of an update with prior knowledge, made visible per step."""
-    items = [it for s in specs for it in load_split(s, "val", n) if lm.is_vlm or not it["images"]]
+    items = [it for s in specs for it in load_split(s, "val", n) if askable([it], lm.is_vlm)]
     targets = [runtime.target_ids(lm, it["answer"], fmt) for it in items]
     last = [None]
 
@@ -274,6 +241,37 @@ def general_probe(lm, specs, n, fmt, device):
 
     probe()
     return probe
+
+
+# ----------------------------------------------------------------------------- what a step says
+
+def step_metrics(table, rewards, silent, update, group, device):
+    """What a GRPO step's rollout says, summed over ranks, with its update's stats: mean reward and accuracy, the
+    shares of zero-variance, silent and format-only groups, of prompts with a correct sample and of replies cut at
+    the budget, the mean completion length, group reward variance and rollout speed."""
+    tokens = sum(len(c) for row in table for c in row["completions"])
+    r_sum, n_groups, n_zero_var, n_silent, n_correct, n_trunc, tokens, var_sum, n_any, n_format_only = \
+        runtime.all_sum([rewards.sum().item() / group, len(table),
+                         sum(zero_variance(row["rewards"]) for row in table), int(silent.sum()),
+                         sum(s.correct for row in table for s in row["scores"]),
+                         sum(t for row in table for t in row["truncated"]), tokens,
+                         rewards.var(1, correction=0).sum().item(),
+                         sum(any(s.correct for s in row["scores"]) for row in table),
+                         sum(format_only(row["scores"]) for row in table)], device)
+    n_samples = n_groups * group
+    return {"reward": r_sum / n_groups, "accuracy": n_correct / n_samples, "zero_var_groups": n_zero_var / n_groups,
+            "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples,
+            "completion_len": tokens / n_samples, "reward_var": var_sum / n_groups,
+            "prompts_with_correct": n_any / n_groups, "format_only_groups": n_format_only / n_groups,
+            "rollout_tok_per_s": round(tokens / max(update["rollout_s"], 1e-9), 1), **update}
+
+
+def format_only(scores, tol=REWARD_TOL):
+    """True when a group's rewards differ only by the format term: every sample's accuracy part is the same (all
+    wrong, typically) while the rewards are not. Normalised by the group's std, that small difference becomes
+    full-size advantages that teach the format and nothing of the task."""
+    accuracies = [s.accuracy for s in scores]
+    return zero_variance(accuracies, tol) and not zero_variance([s.reward for s in scores], tol)
 
 
 NO_CORRECT_STEPS = 3  # steps with no correct sample in any group before the stage says it cannot learn
@@ -388,7 +386,10 @@ def main(argv=None):
             rows = []
             for step in tqdm(range(steps), desc=f"grpo stage {stage.k}", disable=runtime.rank() != 0):
                 items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
-                m = grpo_step(lm, ref, opt, items, grpo, device, probe)
+                table, rewards, silent, update = grpo_step(lm, ref, opt, items, grpo, device)
+                m = step_metrics(table, rewards, silent, update, args.group, device)
+                if probe is not None:
+                    m["general_ll_delta"] = probe()
                 run.log(stage=stage.k, step=step, **{k: round(v, 5) if isinstance(v, float) else v
                                                      for k, v in m.items()})
                 rows.append(m)
@@ -402,11 +403,11 @@ def main(argv=None):
     return run.res
 
 
-def rif_filter(lm, pool, mode, k, cfg, device):
+def rif_filter(lm, pool, mode, group, cfg, device):
     """RIF-RFT on a stage's whole prompt pool: K rollouts each, the instances that can teach kept (and the stats).
     Every rank filters its share and the keep flags are summed, so all ranks hold the same kept pool."""
     mine = list(range(runtime.rank(), len(pool), runtime.world()))
-    flags, stats, _ = filter_items(lm, [pool[i] for i in mine], mode, cfg.format, k, cfg.temperature,
+    flags, stats, _ = filter_items(lm, [pool[i] for i in mine], mode, cfg.format, group, cfg.temperature,
                                    cfg.max_new_tokens, device, cfg.gen_batch)
     kept_mask = [0.0] * len(pool)
     for i, f in zip(mine, flags):

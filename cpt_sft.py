@@ -39,7 +39,6 @@ everything else frozen); each stage's checkpoint has them merged into plain weig
 import argparse
 import time
 
-import torch
 from tqdm import tqdm
 
 import runtime
@@ -71,10 +70,10 @@ def sft_step(lm, opt, pairs, fmt, micro_batch, device, filler, grad_clip=1.0):
     return total, norm, n_tokens
 
 
-def self_targets(lm, items, fmt, k, temperature, max_new_tokens, device):
+def self_targets(lm, items, fmt, group, temperature, max_new_tokens, device):
     """K samples per item from `lm`, the correct ones as (item, completion ids) pairs: P2's RFT-simulated data when
     `lm` is the model being trained, the oracle's data when it is the frozen base."""
-    table = rollout(lm, items, fmt, k, temperature, max_new_tokens, device)
+    table = rollout(lm, items, fmt, group, temperature, max_new_tokens, device)
     return [(row["item"], comp) for row in table for comp, s in zip(row["completions"], row["scores"]) if s.correct]
 
 

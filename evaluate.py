@@ -34,7 +34,7 @@ from lora import default_alpha
 from loop import with_later_settings
 from measure import eval_items, evaluate_task
 from data.rewards import FORMATS
-from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, task_name
+from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, task_name, text_model_errors
 from runtime import is_vlm_config
 
 
@@ -567,8 +567,7 @@ def checkpoint_errors(args):
         except DataError as e:
             errors.append(str(e))
             continue
-        if not is_vlm_config(cfg) and any(it["images"] for it in items):
-            errors.append(f"task {spec} has images but {args.paths[0]} is a text-only model")
+        errors += text_model_errors(spec, items, is_vlm_config(cfg), args.paths[0])
     return errors
 
 

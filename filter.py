@@ -32,7 +32,7 @@ import runtime
 from rollouts import filter_items, restated_replies
 from flags import NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
 from data.rewards import FORMATS
-from data.tasks import BUILTIN, DataError, load_split, task_name
+from data.tasks import BUILTIN, DataError, load_split, task_name, text_model_errors
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -94,9 +94,7 @@ def filter_errors(args):
         items = load_split(args.task, args.split, args.n)
     except DataError as e:
         return errors + [str(e)]
-    if not runtime.is_vlm_config(cfg) and any(it["images"] for it in items):
-        errors.append(f"task {args.task} has images but {args.model} is a text-only model")
-    return errors
+    return errors + text_model_errors(args.task, items, runtime.is_vlm_config(cfg), args.model)
 
 
 def main(argv=None):

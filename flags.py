@@ -12,7 +12,7 @@ import tempfile
 
 from data.rewards import FORMATS
 from data.tasks import (BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, answer_text, distinct_items,
-                        load_split, task_name)
+                        load_split, task_name, text_model_errors)
 from lora import default_alpha
 from runtime import (DEFAULT_MODEL, is_vlm_config, messages, model_config, planned_world, set_pixel_bounds,
                      split_model_path, text_config)
@@ -126,8 +126,9 @@ def input_errors(args, positive=(), at_least_two=()):
             errors.append(str(e))
             continue
         for split, items in splits.items():
-            if not vlm and spec in args.tasks and any(it["images"] for it in items):
-                errors.append(f"{items[0].get('where', spec)}: has images but {args.model} is a text-only model")
+            refused = text_model_errors(spec, items, vlm, args.model) if spec in args.tasks else []
+            if refused:
+                errors += refused
                 break
             with_images |= {(spec, bool(it["images"])) for it in items}
             file_items += items if spec not in BUILTIN else []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data.tasks import task_name
+from data.tasks import askable, task_name
 from flags import eval_counts, refuse
 from measure import eval_items, evaluate_all, general_loglik, kl_to_base, sample_base
 from runtime import (ROOT, Diverged, Log, WriteFailed, all_sum, cleanup, configure, encode, init_dist, is_dist,
@@ -87,7 +87,7 @@ class Run:
             # shows)
             kl_items = {t: eval_items(t, self.counts[t], self.split)[:self.kl_n] for t in self.specs}
             self.kl_items = {t: v for t, v in kl_items.items()
-                             if v and (self.lm.is_vlm or not any(it["images"] for it in v))}
+                             if v and askable(v, self.lm.is_vlm)}
             samples = self.base_row() if not self.res["rows"] else None
             self.samples = self.keep_on_disk(samples, rank_)
             self.log = open_log(os.path.join(self.out, "log.jsonl"), self.done)

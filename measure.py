@@ -8,7 +8,7 @@ FM, gain and retention.
 import torch
 from tqdm import tqdm
 
-from data.tasks import load_split, task_name
+from data.tasks import askable, load_split, task_name
 from rollouts import rollout, score_item
 from runtime import all_sum, decode, equal_chunks, rank, sample, target_ids, token_logprobs, world
 
@@ -48,8 +48,8 @@ def evaluate_all(lm, specs, fmt, device, n, max_new_tokens, batch_size=256, spli
     for spec in specs:
         items = eval_items(spec, n[spec] if isinstance(n, dict) else n, split)
         name = task_name(spec)
-        if not lm.is_vlm and any(it["images"] for it in items):
-            acc[name] = truncated[name] = None  # an image task cannot be asked of a text-only model
+        if not askable(items, lm.is_vlm):
+            acc[name] = truncated[name] = None
             continue
         acc[name], _, truncated[name] = evaluate_task(lm, items, fmt, device, max_new_tokens, batch_size,
                                                       desc=f"eval {name}")
@@ -76,11 +76,11 @@ def kl_sum(base_logp, now_logp):
     return sum(b - n for b, n in zip(base_logp, now_logp))
 
 
-def sample_base(lm, items, fmt, n_samples, max_new_tokens, device, batch_size=256):
-    """n_samples completions per item (this rank's share) from the model as it is (the base), at temperature 1,
+def sample_base(lm, items, fmt, group, max_new_tokens, device, batch_size=256):
+    """`group` completions per item (this rank's share) from the model as it is (the base), at temperature 1,
     with their summed log-probs: the reference that kl_to_base compares every later model with."""
     mine = items[rank()::world()]
-    table = rollout(lm, mine, fmt, n_samples, 1.0, max_new_tokens, device, batch_size) if mine else []
+    table = rollout(lm, mine, fmt, group, 1.0, max_new_tokens, device, batch_size) if mine else []
     pairs = [(i, c) for i, row in zip(range(rank(), len(items), world()), table) for c in row["completions"]]
     logps = sequence_logprobs(lm, [(items[i], c) for i, c in pairs], fmt, device, (items[0], [lm.eos_id]))
     return [[i, c, lp] for (i, c), lp in zip(pairs, logps)]
@@ -109,6 +109,6 @@ def general_loglik(lm, items_by_task, fmt, device):
     for a task with no items: --kl_n 0)."""
     out = []
     for items in items_by_task:
-        ok = items and (lm.is_vlm or not any(it["images"] for it in items))
+        ok = items and askable(items, lm.is_vlm)
         out.append(round(gold_loglik(lm, items, fmt, device), 5) if ok else None)
     return out

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.tasks import FORMAT_INSTRUCTIONS, answer_text, open_image
+from data.tasks import FORMAT_INSTRUCTIONS, answer_text, askable, open_image
 from lora import apply_lora, merged, scale_of, trainable_parameters
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -401,7 +401,7 @@ def encode(lm, items, fmt, completions=None):
     marks those tokens with 1: transformers computes 3-D M-RoPE positions only when it is given."""
     images = []
     for it in items:
-        if it["images"] and not lm.is_vlm:
+        if not askable([it], lm.is_vlm):  # the input checks refuse it first; this guards direct calls
             raise ValueError(f"{it.get('where', 'a task item')}: has images but the model is text-only")
         images += [(im, it.get("where", "?")) for im in it["images"]]
     out, counts = {}, []
@@ -596,10 +596,10 @@ def one_token(model, cache_arg, token, mask, pos, cache):
 
 
 @torch.no_grad()
-def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1, static=None):
-    """n completions per item (item-major: item 0's n, then item 1's), written out: each prompt is encoded and
-    prefilled once (images included), the KV cache is repeated n times, then token by token next_token until every
-    sequence has ended its turn or the budget is spent. Returns (token-id lists ending at EOS, or cut: truncated
+def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", group=1, static=None):
+    """`group` completions per item (item-major: item 0's group, then item 1's), written out: each prompt is
+    encoded and prefilled once (images included), the KV cache is repeated `group` times, then token by token
+    next_token until every sequence has ended its turn or the budget is spent. Returns (token-id lists ending at EOS, or cut: truncated
     flags). Under torchrun every rank steps until all ranks are done (one small collective per stop check), as FSDP
     needs the same forwards on every rank. `static`: the preallocated KV cache on or off (default: decode_plan's)."""
     global _compiled_step
@@ -616,16 +616,16 @@ def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device
     with gathered(model), autocast(device):
         out = model(**batch, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache, logits = _kv_cache(out), out.logits[:, -1].float()
-        if n > 1:  # the samples of one prompt share its prefill
-            cache.batch_repeat_interleave(n)
-            logits, pos = logits.repeat_interleave(n, 0), pos.repeat_interleave(n, -2)
+        if group > 1:  # the samples of one prompt share its prefill
+            cache.batch_repeat_interleave(group)
+            logits, pos = logits.repeat_interleave(group, 0), pos.repeat_interleave(group, -2)
         prompt_len = batch["attention_mask"].shape[1]
         length = prompt_len + max_new_tokens
         if static:  # rounded up: fewer distinct shapes for a compiled step
             length = -(-length // 128) * 128
             cache = static_cache(model, cache, length)
         # the rollout's attention mask, allocated once: the prompts', then one column per new token
-        mask = F.pad(batch["attention_mask"].repeat_interleave(n, 0), (0, length - prompt_len))
+        mask = F.pad(batch["attention_mask"].repeat_interleave(group, 0), (0, length - prompt_len))
         next_pos = pos.amax(-1, keepdim=True) + 1  # [B, 1] or [3, B, 1]: right after the prompt's last token
         ban = forbidden_bias(lm.forbidden, logits.shape[-1], logits.device)
         tokens = torch.full((logits.shape[0], max_new_tokens), lm.pad_id, dtype=torch.long, device=logits.device)

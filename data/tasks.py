@@ -440,6 +440,19 @@ def open_image(img, where="?"):
 
 # ----------------------------------------------------------------------------- task specs
 
+def askable(items, vlm):
+    """Whether a model can be asked these items: a vision-language model (vlm) any, a text-only one only items
+    without images (an image task is n/a for it: refused for training, left out of evaluation)."""
+    return vlm or not any(it["images"] for it in items)
+
+
+def text_model_errors(spec, items, vlm, model):
+    """The refusal of an image task for a text-only model, before any load: as a message in a list (or none)."""
+    if askable(items, vlm):
+        return []
+    return [f"{items[0].get('where', spec)}: has images but {model} is a text-only model"]
+
+
 def task_name(spec):
     """Short column name of a task spec: the built-in name, or the JSONL file's stem without a "_train" suffix
     ("data/add_train.jsonl:data/add_test.jsonl" -> "add")."""

@@ -116,10 +116,10 @@ def decode_rate(b, items, n_prompts, group, new, device, sync, bandwidth, n_text
     prompts = (items * n_prompts)[:n_prompts]
 
     def timed(tokens):
-        runtime.sample(b, prompts, "plain", tokens, device=device, n=group)  # warm-up (and a compiled step's compile)
+        runtime.sample(b, prompts, "plain", tokens, device=device, group=group)  # warm-up (and a compiled step's compile)
         sync()
         t0 = time.time()
-        comps, _ = runtime.sample(b, prompts, "plain", tokens, device=device, n=group)
+        comps, _ = runtime.sample(b, prompts, "plain", tokens, device=device, group=group)
         sync()
         return time.time() - t0, max(map(len, comps))
 
@@ -209,7 +209,7 @@ def main():
     for step in range(a.steps + 1):
         sync()
         t0 = time.time()
-        comps, _ = runtime.sample(b, prompts, "plain", a.max_new_tokens, device=device, n=a.group)
+        comps, _ = runtime.sample(b, prompts, "plain", a.max_new_tokens, device=device, group=a.group)
         sync()
         t1 = time.time()
         seqs = [(it, c, 1.0 if i % 2 else -1.0) for i, (it, c) in

@@ -28,7 +28,7 @@ def aten_ops(fn):
 def ops_per_step(lm, items, fmt, device, n, short=8, long=24):
     """Aten ops of one decoding step: the difference of two rollouts `long - short` tokens apart, divided by that
     (the prompt's prefill and the once-per-rollout work cancel)."""
-    run = lambda t: runtime.sample(lm, items, fmt, t, device=device, n=n)  # noqa: E731
+    run = lambda t: runtime.sample(lm, items, fmt, t, device=device, group=n)  # noqa: E731
     run(long)  # warm-up (a compiled step compiles here)
     return (aten_ops(lambda: run(long)) - aten_ops(lambda: run(short))) / (long - short)
 
@@ -36,12 +36,12 @@ def ops_per_step(lm, items, fmt, device, n, short=8, long=24):
 def tokens_per_s(lm, items, fmt, new, device, n, repeats=3):
     """Best of `repeats` rollouts: tokens made per second (prefill included)."""
     sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
-    runtime.sample(lm, items, fmt, new, device=device, n=n)  # warm-up
+    runtime.sample(lm, items, fmt, new, device=device, group=n)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        comps, _ = runtime.sample(lm, items, fmt, new, device=device, n=n)
+        comps, _ = runtime.sample(lm, items, fmt, new, device=device, group=n)
         sync()
         best = min(best, time.perf_counter() - t0)
     return sum(map(len, comps)) / best

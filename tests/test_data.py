@@ -220,3 +220,12 @@ def test_text_tasks_for_a_real_chat_model():
         assert int(it["answer"]) == int(it["problem"].split()[-1].rstrip("?")) + 1 and it["kind"] == "number"
     assert all(not it["images"] for t in ("capital", "successor", "parity", "multiply")
                for it in builtin_items(t, "val", 2))
+
+
+def test_an_image_task_is_askable_of_a_vision_model_only():
+    from data.tasks import askable, text_model_errors
+    text, image = {"problem": "2+2?", "images": []}, {"problem": "<image> color?", "images": ["a.png"], "where": "t.jsonl:3"}
+    assert askable([text, image], vlm=True) and askable([text], vlm=False)
+    assert not askable([text, image], vlm=False)
+    assert text_model_errors("t.jsonl", [image], vlm=False, model="m") == ["t.jsonl:3: has images but m is a text-only model"]
+    assert text_model_errors("t.jsonl", [image], vlm=True, model="m") == []

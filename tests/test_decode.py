@@ -84,7 +84,7 @@ def test_sampled_rollouts_draw_the_same_tokens_as_the_old_sampler_on_cpu():
     """On CPU the loop makes the same draws from the same random state: a run's samples, and so its rows, stay."""
     items = builtin_items("any_color", "train", 4) + builtin_items("add", "train", 4)
     torch.manual_seed(1)
-    ours, _ = runtime.sample(B, items, "free", 32, 1.0, n=8)
+    ours, _ = runtime.sample(B, items, "free", 32, 1.0, group=8)
     torch.manual_seed(1)
     old, _ = old_sample(B, items, "free", 32, 1.0, n=8)
     assert ours == old and len({tuple(c) for c in ours}) > 10

@@ -47,11 +47,11 @@ def test_free_text_answers_of_a_real_chat_model(smol):
 
 
 def test_one_grpo_step_on_a_real_chat_model_has_a_correctness_signal(smol):
-    from cpt_rft import GRPOConfig, grpo_step
-    args = GRPOConfig(format="free", group=4, max_new_tokens=24, micro_batch=16)
+    from cpt_rft import GRPOConfig, grpo_step, step_metrics
+    cfg = GRPOConfig(format="free", group=4, max_new_tokens=24, micro_batch=16)
     opt = torch.optim.AdamW(smol.model.parameters(), lr=1e-6)
     smol.model.train()
-    m = grpo_step(smol, None, opt, builtin_items("add", "train", 4), args, "cpu")
+    m = step_metrics(*grpo_step(smol, None, opt, builtin_items("add", "train", 4), cfg, "cpu"), cfg.group, "cpu")
     smol.model.eval()
     assert m["accuracy"] > 0 and 0 <= m["silent_groups"] <= 1
     assert m["skipped_step"] or m["grad_norm"] > 0

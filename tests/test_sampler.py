@@ -35,7 +35,7 @@ def test_greedy_completions_equal_generate_on_the_tiny_base(task):
 
 def test_the_samples_of_a_prompt_share_its_prefill():
     items = builtin_items("left_color", "test", 5)
-    shared, _ = runtime.sample(B, items, "plain", 16, greedy=True, n=3)
+    shared, _ = runtime.sample(B, items, "plain", 16, greedy=True, group=3)
     repeated, _ = runtime.sample(B, [it for it in items for _ in range(3)], "plain", 16, greedy=True)
     assert shared == repeated
 
@@ -53,7 +53,7 @@ def test_sampled_first_tokens_follow_the_probabilities_the_loss_scores(temperatu
     p = logp[:, 0].exp().tolist()
     expected = [4000 * x for x in p] + [4000 * (1 - sum(p))]
     torch.manual_seed(0)
-    comps, _ = runtime.sample(B, [item], "free", 1, temperature, n=4000)
+    comps, _ = runtime.sample(B, [item], "free", 1, temperature, group=4000)
     firsts = [c[0] for c in comps]
     counts = [firsts.count(t) for t in top] + [sum(f not in top for f in firsts)]
     assert min(expected) > 5, expected                              # the test's own condition
@@ -82,7 +82,7 @@ def test_a_nan_logit_while_sampling_stops_the_run():
     with torch.no_grad():
         lm.model.lm_head.weight[3] = float("nan")
     with pytest.raises(runtime.Diverged):
-        runtime.sample(lm, [item], "free", 8, n=2)
+        runtime.sample(lm, [item], "free", 8, group=2)
 
 
 def test_text_positions_count_only_attended_tokens():
@@ -118,7 +118,7 @@ def test_each_prompt_forwarded_once_gives_the_repeated_forwards_gradient(task):
     GRPO-like loss equal those of forwarding every prompt once per completion."""
     items = builtin_items(task, "train", 3)
     torch.manual_seed(0)
-    comps, _ = runtime.sample(B, items, "plain", 16, 1.0, n=5)
+    comps, _ = runtime.sample(B, items, "plain", 16, 1.0, group=5)
     comps = comps[:5] + comps[5:8] + comps[10:11]
     flat = [items[0]] * 5 + [items[1]] * 3 + [items[2]]
     adv = torch.linspace(-1, 1, len(flat))
@@ -135,7 +135,7 @@ def test_each_prompt_forwarded_once_on_a_real_chat_model():
     smol = runtime.load_model(path, "cpu")
     items = builtin_items("add", "train", 2)
     torch.manual_seed(0)
-    comps, _ = runtime.sample(smol, items, "free", 12, 1.0, n=4)
+    comps, _ = runtime.sample(smol, items, "free", 12, 1.0, group=4)
     flat = [it for it in items for _ in range(4)]
     adv = torch.tensor([1.0, -1, 0.5, -0.5, 1, -1, 0.25, -0.25])
     a, ga = _grads(smol, runtime.token_logprobs, flat, comps, "free", adv)

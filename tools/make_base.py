@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import measure  # noqa: E402
 from flags import NEW_TOKENS  # noqa: E402
 import runtime  # noqa: E402
-from cpt_sft import sft_loss  # noqa: E402
 from data.tasks import BUILTIN, CPT, GENERAL, VOICE, builtin_items, in_voice  # noqa: E402
 
 FORMAT = "free"  # the base speaks in sentences: its answer is read from its words, as a chat model's is
@@ -144,7 +143,7 @@ def main():
         items = mix(rng, args.batch_size, args.weak_weight, vision)
         targets = [runtime.target_ids(lm, in_voice(it["answer"], rng), FORMAT) for it in items]
         logp, mask = runtime.token_logprobs(lm, items, FORMAT, targets, device)
-        loss = sft_loss(logp, mask, mask.sum())
+        loss = -(logp * mask).sum() / mask.sum()  # mean negative log-likelihood of the answer tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
         opt.step()
