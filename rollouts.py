@@ -1,6 +1,6 @@
-"""Rollouts: a group of G completions per prompt (P1's G) from the current model, each scored by the task's verifier, and what is
-built on them: the reward-variance filter (P1's RIF-RFT), which cpt_rft.py --rif and filter.py share, and SFT's
-voice-only labels (the canonical answer said in the model's own words).
+"""Rollouts: a group of G completions per prompt (P1's K) from the current model, each scored by the task's
+verifier, and what is built on them: the reward-variance filter (P1's RIF-RFT), which cpt_rft.py --rif and
+filter.py share, and SFT's voice-only labels (the canonical answer said in the model's own words).
 
     rollout(lm, items, ...)  -> per item: G completions (token ids), their texts, scores, rewards, truncated flags
     keep(mode, rewards, ...) -> whether an instance can teach GRPO anything (zero reward variance cannot)

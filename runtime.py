@@ -599,8 +599,8 @@ def one_token(model, cache_arg, token, mask, pos, cache):
 def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", group=1, static=None):
     """`group` completions per item (item-major: item 0's group, then item 1's), written out: each prompt is
     encoded and prefilled once (images included), the KV cache is repeated `group` times, then token by token
-    next_token until every sequence has ended its turn or the budget is spent. Returns (token-id lists ending at EOS, or cut: truncated
-    flags). Under torchrun every rank steps until all ranks are done (one small collective per stop check), as FSDP
+    next_token until every sequence has ended its turn or the budget is spent. Returns (token-id lists ending at
+    EOS, or cut: truncated flags). Under torchrun every rank steps until all ranks are done (one small collective per stop check), as FSDP
     needs the same forwards on every rank. `static`: the preallocated KV cache on or off (default: decode_plan's)."""
     global _compiled_step
     model = lm.model

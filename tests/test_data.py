@@ -224,8 +224,10 @@ def test_text_tasks_for_a_real_chat_model():
 
 def test_an_image_task_is_askable_of_a_vision_model_only():
     from data.tasks import askable, text_model_errors
-    text, image = {"problem": "2+2?", "images": []}, {"problem": "<image> color?", "images": ["a.png"], "where": "t.jsonl:3"}
+    text = {"problem": "2+2?", "images": []}
+    image = {"problem": "<image> color?", "images": ["a.png"], "where": "t.jsonl:3"}
     assert askable([text, image], vlm=True) and askable([text], vlm=False)
     assert not askable([text, image], vlm=False)
-    assert text_model_errors("t.jsonl", [image], vlm=False, model="m") == ["t.jsonl:3: has images but m is a text-only model"]
+    assert text_model_errors("t.jsonl", [image], vlm=False, model="m") == [
+        "t.jsonl:3: has images but m is a text-only model"]
     assert text_model_errors("t.jsonl", [image], vlm=True, model="m") == []
