@@ -14,6 +14,7 @@ from data.rewards import FORMATS
 from data.tasks import (BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, answer_text, distinct_items,
                         load_split, task_name, text_model_errors)
 from lora import default_alpha
+from measure import eval_counts
 from runtime import (DEFAULT_MODEL, is_vlm_config, messages, model_config, planned_world, set_pixel_bounds,
                      split_model_path, text_config)
 
@@ -84,11 +85,6 @@ def settle_defaults(args):
     return args
 
 
-def eval_counts(args):
-    """{spec: evaluation items}: --eval_n for the CPT tasks, --general_n (default: the same) for the general ones."""
-    return {**{t: args.eval_n for t in args.tasks}, **{g: args.general_n or args.eval_n for g in args.general}}
-
-
 MAX_EVAL_ITEMS = 20_000  # per task: every evaluation item (and its image) is built in memory before the base row
 
 
@@ -132,7 +128,7 @@ def input_errors(args, positive=(), at_least_two=()):
                 break
             with_images |= {(spec, bool(it["images"])) for it in items}
             file_items += items if spec not in BUILTIN else []
-        asked = eval_counts(args)[spec]
+        asked = eval_counts(args.tasks, args.general, args.eval_n, args.general_n)[spec]
         held = distinct_items(spec, args.eval_split) if spec in BUILTIN else len(splits[args.eval_split])
         if held is not None and asked > held:
             print(f"note: {task_name(spec)}'s {args.eval_split} split holds {held} distinct item(s); evaluating "

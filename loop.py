@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from data.tasks import askable, task_name
-from flags import eval_counts, refuse
-from measure import eval_items, evaluate_all, general_loglik, kl_to_base, sample_base
+from flags import refuse
+from measure import eval_counts, eval_items, evaluate_all, general_loglik, kl_to_base, sample_base
 from runtime import (ROOT, Diverged, Log, WriteFailed, all_sum, cleanup, configure, encode, init_dist, is_dist,
                      load_model, model_config, peak_memory, print0, rank, reshard, save_checkpoint, seed_all,
                      split_model_path, text_config, world, write_json)
@@ -55,7 +55,8 @@ class Run:
         self.specs = self.tasks + self.general
         self.stages = ([Stage(1, "multitask", self.tasks)] if args.multitask else
                        [Stage(k, task_name(t), [t]) for k, t in enumerate(self.tasks, 1)])
-        self.counts, self.split = eval_counts(args), args.eval_split  # evaluation items per spec, and their split
+        self.counts, self.split = eval_counts(self.tasks, self.general, args.eval_n, args.general_n), args.eval_split
+        self.eval_sets = {s: eval_items(s, self.counts[s], self.split) for s in self.specs}  # every row's items
         self.eval_tokens, self.eval_batch = args.eval_max_new_tokens, args.eval_batch
         self.kl_n, self.kl_samples, self.keep_stages = args.kl_n, args.kl_samples, args.keep_stages
         self.grad_ckpt, self.lora_rank, self.lora_alpha = args.grad_ckpt, args.lora_rank, args.lora_alpha
@@ -64,7 +65,7 @@ class Run:
         self.res = read_or_start_results(self.res_path, columns, run_config(args, script))
         rank_, world_, self.device = init_dist()
         self.res["config"]["world"] = world_
-        self.res["items"] = [len(eval_items(s, self.counts[s], self.split)) for s in self.specs]  # per column
+        self.res["items"] = [len(self.eval_sets[s]) for s in self.specs]  # per column
         self.lock = RunLock(self.out) if rank_ == 0 else None  # a second process on this --out is refused here
         self.done = max(len(self.res["rows"]) - 1, 0)  # finished stages
         self.at, self.lm = "before the base row", None  # where an interrupt or a write failure finds the run
@@ -85,9 +86,8 @@ class Run:
                     f"{k} {v}" for k, v in image_tokens(self.lm, self.specs).items()))
             # the KL to the base on the CPT tasks' prompts, and on the general tasks' (where damage the first misses
             # shows)
-            kl_items = {t: eval_items(t, self.counts[t], self.split)[:self.kl_n] for t in self.specs}
-            self.kl_items = {t: v for t, v in kl_items.items()
-                             if v and askable(v, self.lm.is_vlm)}
+            self.kl_items = {t: v[:self.kl_n] for t, v in self.eval_sets.items()
+                             if v[:self.kl_n] and askable(v, self.lm.is_vlm)}
             samples = self.base_row() if not self.res["rows"] else None
             self.samples = self.keep_on_disk(samples, rank_)
             self.log = open_log(os.path.join(self.out, "log.jsonl"), self.done)
@@ -144,13 +144,13 @@ class Run:
         return samples
 
     def evaluate_row(self):
-        acc, truncated = evaluate_all(self.lm, self.specs, self.fmt, self.device, self.counts, self.eval_tokens,
-                                      self.eval_batch, self.split)
+        acc, truncated = evaluate_all(self.lm, self.eval_sets, self.fmt, self.device, self.eval_tokens,
+                                      self.eval_batch)
         return {"acc": acc, "truncated": truncated}
 
     def general_items(self):
         """The general tasks' items for the gold log-likelihood: the first --kl_n of each task's evaluation items."""
-        return [eval_items(g, self.counts[g], self.split)[:self.kl_n] for g in self.general]
+        return [self.eval_sets[g][:self.kl_n] for g in self.general]
 
     def record_row(self, name, row):
         """Append a row of the accuracy matrix (and its truncated shares) and say it, with a warning where more

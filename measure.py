@@ -18,6 +18,11 @@ from runtime import all_sum, decode, equal_chunks, rank, sample, target_ids, tok
 _EVAL_CACHE = {}
 
 
+def eval_counts(tasks, general, eval_n, general_n):
+    """{spec: evaluation items}: --eval_n for the CPT tasks, --general_n (default: the same) for the general ones."""
+    return {**{t: eval_n for t in tasks}, **{g: general_n or eval_n for g in general}}
+
+
 def eval_items(spec, n, split="test"):
     if (spec, n, split) not in _EVAL_CACHE:
         _EVAL_CACHE[(spec, n, split)] = load_split(spec, split, n)
@@ -41,12 +46,11 @@ def evaluate_task(lm, items, fmt, device, max_new_tokens, batch_size=256, desc=N
     return correct / len(items), rew / len(items), cut / len(items)
 
 
-def evaluate_all(lm, specs, fmt, device, n, max_new_tokens, batch_size=256, split="test"):
-    """({task name: accuracy}, {task name: share of replies truncated}) over task specs: n items each of the test
-    split (or of val when tuning; n may be a {spec: count} dict). None where a text-only model meets an image."""
+def evaluate_all(lm, eval_sets, fmt, device, max_new_tokens, batch_size=256):
+    """({task name: accuracy}, {task name: share of replies truncated}) over {task spec: its evaluation items}.
+    None where a text-only model meets an image."""
     acc, truncated = {}, {}
-    for spec in specs:
-        items = eval_items(spec, n[spec] if isinstance(n, dict) else n, split)
+    for spec, items in eval_sets.items():
         name = task_name(spec)
         if not askable(items, lm.is_vlm):
             acc[name] = truncated[name] = None

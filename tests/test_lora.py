@@ -143,7 +143,9 @@ def test_a_lora_run_checkpoint_evaluates_to_its_numbers_and_resumes_alike(tmp_pa
     lm = runtime.load_model(os.path.join(full, "stage-2"), "cpu")
     assert not any("lora_" in k for k in lm.model.state_dict())
     runtime.seed_all(0, "eval")
-    acc, _ = evaluate_all(lm, ["left_color", "top_color", "color", "add"], "free", "cpu", 24, 64, 128)
+    from measure import eval_items
+    eval_sets = {t: eval_items(t, 24) for t in ["left_color", "top_color", "color", "add"]}
+    acc, _ = evaluate_all(lm, eval_sets, "free", "cpu", 64, 128)
     assert [acc[c] for c in res["columns"]] == res["acc"][2]
     # a run stopped after stage 1 resumes from the merged checkpoint with fresh adapters: the same numbers
     part = str(tmp_path / "part")
