@@ -385,7 +385,7 @@ def main(argv=None):
             lm.model.train()
             rows = []
             for step in tqdm(range(steps), desc=f"grpo stage {stage.k}", disable=runtime.rank() != 0):
-                items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
+                items = runtime.share(stream.next(args.batch_size))  # the global batch: this rank's part
                 table, rewards, silent, update = grpo_step(lm, ref, opt, items, grpo, device)
                 m = step_metrics(table, rewards, silent, update, args.group, device)
                 if probe is not None:
@@ -406,7 +406,7 @@ def main(argv=None):
 def rif_filter(lm, pool, mode, group, cfg, device):
     """RIF-RFT on a stage's whole prompt pool: K rollouts each, the instances that can teach kept (and the stats).
     Every rank filters its share and the keep flags are summed, so all ranks hold the same kept pool."""
-    mine = list(range(runtime.rank(), len(pool), runtime.world()))
+    mine = runtime.share(range(len(pool)))
     flags, stats, _ = filter_items(lm, [pool[i] for i in mine], mode, cfg.format, group, cfg.temperature,
                                    cfg.max_new_tokens, device, cfg.gen_batch)
     kept_mask = [0.0] * len(pool)

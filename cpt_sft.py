@@ -111,7 +111,7 @@ def main(argv=None):
             for step in tqdm(range(args.steps * len(stage.specs)), desc=f"sft stage {stage.k}",
                              disable=runtime.rank() != 0):
                 t0 = time.time()
-                items = stream.next_slice(args.batch_size, runtime.rank(), runtime.world())
+                items = runtime.share(stream.next(args.batch_size))  # the global batch: this rank's part
                 if args.sft_data == "voice":
                     pairs = restated_replies(lm, items, args.format, args.max_new_tokens, device)
                 elif args.sft_data != "gold":

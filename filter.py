@@ -129,7 +129,7 @@ def main(argv=None):
     _, _, device = runtime.init_dist()
     runtime.seed_all(args.seed, "filter")
     lm = runtime.load_model(args.model, device)
-    mine = items[runtime.rank()::runtime.world()]
+    mine = runtime.share(items)
     flags, stats, table = filter_items(lm, mine, args.mode, args.format, args.k, args.temperature,
                                               args.max_new_tokens, device, args.gen_batch, args.low, args.high)
     stats.update(data_nll(lm, table, args.format, device, args.max_new_tokens))

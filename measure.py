@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from data.tasks import askable, load_split, task_name
 from rollouts import rollout, score_item
-from runtime import all_sum, decode, equal_chunks, rank, sample, target_ids, token_logprobs, world
+from runtime import all_sum, decode, equal_chunks, rank, sample, share, target_ids, token_logprobs
 
 
 # ----------------------------------------------------------------------------- accuracy (greedy)
@@ -34,7 +34,7 @@ def evaluate_task(lm, items, fmt, device, max_new_tokens, batch_size=256, desc=N
     """(greedy accuracy, mean reward, share of replies cut at max_new_tokens) on a list of items; items are split
     over ranks, counts summed. A reply cut at the budget has no end of turn and usually no answer yet."""
     correct = rew = cut = 0.0
-    chunks = list(equal_chunks(items[rank()::world()], batch_size, device, items[0]))  # a list: tqdm shows the total
+    chunks = list(equal_chunks(share(items), batch_size, device, items[0]))  # a list: tqdm shows the total
     for chunk, real in tqdm(chunks, desc=desc, disable=rank() != 0 or desc is None, leave=False):
         comps, truncated = sample(lm, chunk, fmt, max_new_tokens, greedy=True, device=device)
         for it, c, t in zip(chunk if real else [], comps, truncated):
@@ -83,9 +83,9 @@ def kl_sum(base_logp, now_logp):
 def sample_base(lm, items, fmt, group, max_new_tokens, device, batch_size=256):
     """`group` completions per item (this rank's share) from the model as it is (the base), at temperature 1,
     with their summed log-probs: the reference that kl_to_base compares every later model with."""
-    mine = items[rank()::world()]
+    mine = share(items)
     table = rollout(lm, mine, fmt, group, 1.0, max_new_tokens, device, batch_size) if mine else []
-    pairs = [(i, c) for i, row in zip(range(rank(), len(items), world()), table) for c in row["completions"]]
+    pairs = [(i, c) for i, row in zip(share(range(len(items))), table) for c in row["completions"]]
     logps = sequence_logprobs(lm, [(items[i], c) for i, c in pairs], fmt, device, (items[0], [lm.eos_id]))
     return [[i, c, lp] for (i, c), lp in zip(pairs, logps)]
 
@@ -102,7 +102,7 @@ def kl_to_base(lm, items, samples, fmt, device):
 def gold_loglik(lm, items, fmt, device, batch_size=64):
     """Mean log-likelihood (nats per item) of the gold answers as SFT would write them: a continuous reading of a
     skill, which moves before greedy accuracy flips."""
-    pairs = [(it, target_ids(lm, it["answer"], fmt)) for it in items[rank()::world()]]
+    pairs = [(it, target_ids(lm, it["answer"], fmt)) for it in share(items)]
     logps = sequence_logprobs(lm, pairs, fmt, device, (items[0], [lm.eos_id]), batch_size)
     total, n = all_sum([sum(logps), len(logps)], device)
     return total / n

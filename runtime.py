@@ -76,6 +76,13 @@ def world():
     return dist.get_world_size() if is_dist() else 1
 
 
+def share(seq, rank_=None, world_=None):
+    """This rank's share of a list that every rank holds whole: elements rank, rank + world, rank + 2 world, ...
+    Every split of work over ranks (a training batch, evaluation items, a filter's pool) is this one; a single
+    process gets all of it."""
+    return seq[(rank() if rank_ is None else rank_)::(world() if world_ is None else world_)]
+
+
 def planned_world():
     """The world size before the process group exists (torchrun sets WORLD_SIZE), for checks before any work."""
     return int(os.environ.get("WORLD_SIZE", 1))
@@ -600,8 +607,9 @@ def sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device
     """`group` completions per item (item-major: item 0's group, then item 1's), written out: each prompt is
     encoded and prefilled once (images included), the KV cache is repeated `group` times, then token by token
     next_token until every sequence has ended its turn or the budget is spent. Returns (token-id lists ending at
-    EOS, or cut: truncated flags). Under torchrun every rank steps until all ranks are done (one small collective per stop check), as FSDP
-    needs the same forwards on every rank. `static`: the preallocated KV cache on or off (default: decode_plan's)."""
+    EOS, or cut: truncated flags). Under torchrun every rank steps until all ranks are done (one small collective
+    per stop check), as FSDP needs the same forwards on every rank. `static`: the preallocated KV cache on or off
+    (default: decode_plan's)."""
     global _compiled_step
     model = lm.model
     batch = to_device(encode(lm, items, fmt)[0], device)

@@ -529,8 +529,3 @@ class Stream:
                 out.append(self.data[s][self.cursor[s] % len(self.data[s])])
             self.cursor[s] += 1
         return out
-
-    def next_slice(self, batch_size, rank, world):
-        """The next global batch, and this rank's equal share of it (batch_size is divisible by world)."""
-        per = batch_size // world
-        return self.next(batch_size)[rank * per:(rank + 1) * per]

@@ -200,10 +200,13 @@ def test_exact_answers_carry_their_task_candidates(tmp_path):
     assert [it["candidates"] for it in load_jsonl(p)] == [["Paris", "Rome"], ["Paris", "Rome"], []]
 
 
-def test_stream_slices_one_global_batch_over_ranks():
+def test_ranks_share_one_global_batch():
+    from runtime import share
     whole = Stream(["left_color", "add"], 7).next(6)
-    parts = [Stream(["left_color", "add"], 7).next_slice(6, r, 3) for r in range(3)]
-    assert [it["problem"] for p in parts for it in p] == [it["problem"] for it in whole]
+    parts = [share(Stream(["left_color", "add"], 7).next(6), r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [2, 2, 2]
+    assert [p[i]["problem"] for i in range(2) for p in parts] == [it["problem"] for it in whole]  # each item once
+    assert share(list("abcdefg"), 1, 3) == ["b", "e"] and share(range(5), 0, 1) == range(5)
 
 
 def test_text_tasks_for_a_real_chat_model():
