@@ -29,11 +29,11 @@ import os
 import statistics
 
 import runtime
-from flags import MAX_EVAL_ITEMS, NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
+from flags import (MAX_EVAL_ITEMS, NEW_TOKENS, HelpFormatter, add_eval_size_flags, add_format_flag, budget_errors,
+                   model_errors, out_errors, refuse)
 from lora import default_alpha
 from loop import with_later_settings
 from measure import eval_items, evaluate_task
-from data.rewards import FORMATS
 from data.tasks import BUILTIN, DEFAULT_GENERAL, DEFAULT_SEQUENCE, DataError, load_split, task_name, text_model_errors
 from runtime import is_vlm_config
 
@@ -591,9 +591,8 @@ def main(argv=None):
                                             "(an HF checkpoint folder or a .gguf file)")
     g = p.add_argument_group("evaluating a model")
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE + DEFAULT_GENERAL, help="built-in names or JSONL")
-    g.add_argument("--format", default="free", choices=FORMATS, help="answer format (free: read from the reply's words)")
-    g.add_argument("--eval_n", type=int, default=500, help="test items per task")
-    g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size")
+    add_format_flag(g)
+    add_eval_size_flags(g, "task")
     g.add_argument("--max_new_tokens", type=int, default=None, help=f"greedy completion budget (None: by --format, "
                                                                      f"{NEW_TOKENS})")
     g = p.add_argument_group("comparing runs")

@@ -30,8 +30,8 @@ import torch
 
 import runtime
 from rollouts import filter_items, restated_replies
-from flags import NEW_TOKENS, HelpFormatter, budget_errors, model_errors, out_errors, refuse
-from data.rewards import FORMATS
+from flags import (NEW_TOKENS, HelpFormatter, add_format_flag, add_model_flag, add_sampling_flags, budget_errors,
+                   model_errors, out_errors, refuse)
 from data.tasks import BUILTIN, DataError, load_split, task_name, text_model_errors
 
 
@@ -100,16 +100,15 @@ def filter_errors(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=runtime.DEFAULT_MODEL, help="HF checkpoint folder or .gguf file")
+    add_model_flag(g)
     g.add_argument("--task", required=True, help="built-in task name or JSONL file")
     g.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to filter")
     g.add_argument("--n", type=int, default=None,
                    help="instances (default: 256 of a built-in task, every line of the split of a JSONL file)")
-    g.add_argument("--format", default="free", choices=FORMATS, help="answer format (free: read from the words)")
+    add_format_flag(g)
     g = p.add_argument_group("rollouts")
-    g.add_argument("--k", type=int, default=8, help="rollouts per instance")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--max_new_tokens", type=int, default=None, help=f"rollout budget (None: by --format, {NEW_TOKENS})")
+    g.add_argument("--k", type=int, default=8, help="rollouts per instance: the group size G (P1's K)")
+    add_sampling_flags(g, "a rollout")
     g.add_argument("--gen_batch", type=int, default=256, help="sequences per generate call")
     g = p.add_argument_group("filter and output")
     g.add_argument("--mode", default="zero_variance", choices=["none", "incompetent", "zero_variance", "pass_rate"],

@@ -28,32 +28,49 @@ class HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelp
     """--help keeps the docstring's line breaks and shows every flag's default."""
 
 
+# the flags every script has, declared once: the model, the answer format, sampling, the evaluation's size
+
+def add_model_flag(g):
+    g.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint folder or .gguf file (default: the tiny base)")
+
+
+def add_format_flag(g):
+    g.add_argument("--format", default="free", choices=FORMATS,
+                   help="answer format (free: read from the reply's words, as the tiny base and chat models speak)")
+
+
+def add_sampling_flags(g, what="a sample"):
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0")
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"completion budget of {what} (None: by --format, {NEW_TOKENS})")
+
+
+def add_eval_size_flags(g, what="CPT task"):
+    g.add_argument("--eval_n", type=int, default=500, help=f"test items per {what}")
+    g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size (128: fastest per item on a CPU core)")
+
+
 def add_common_args(p, steps, micro_batch, lr, lr_note, batch_size=16):
     """Flags both training scripts share, grouped by topic; the defaults that differ are the script's."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint folder or .gguf file (default: the tiny base)")
+    add_model_flag(g)
     g.add_argument("--tasks", nargs="+", default=DEFAULT_SEQUENCE, help="CPT sequence: built-in names or JSONL files")
     g.add_argument("--general", nargs="*", default=DEFAULT_GENERAL, help="held-out tasks evaluated after every stage")
     g.add_argument("--multitask", action="store_true", help="train once on the union of --tasks (the upper bound)")
-    g.add_argument("--format", default="free", choices=FORMATS,
-                   help="answer format (free: read from the reply's words, as the tiny base and chat models speak)")
+    add_format_flag(g)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (None: runs/<script>)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order and sampling")
-    g.add_argument("--eval_n", type=int, default=500, help="test items per CPT task")
+    add_eval_size_flags(g)
     g.add_argument("--general_n", type=int, default=None, help="test items per general task (None: --eval_n)")
     g.add_argument("--eval_split", default="test", choices=["test", "val"], help="val: for tuning settings")
-    g.add_argument("--eval_batch", type=int, default=128, help="evaluation batch size (128: fastest per item on a CPU core)")
     g.add_argument("--eval_max_new_tokens", type=int, default=None,
                    help=f"greedy evaluation's completion budget (None: by --format, {NEW_TOKENS})")
     g.add_argument("--keep_stages", action="store_true", help="keep every stage's checkpoint, not only the last")
     g.add_argument("--kl_n", type=int, default=100, help="items per task for the continuous readings: KL to the base "
                                                           "(CPT tasks), gold log-likelihood (general tasks); 0: off")
     g.add_argument("--kl_samples", type=int, default=4, help="base samples per prompt for the KL estimate")
-    g = p.add_argument_group("sampling (GRPO rollouts; SFT's self / oracle targets)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0")
-    g.add_argument("--max_new_tokens", type=int, default=None,
-                   help=f"completion budget of a sample (None: by --format, {NEW_TOKENS})")
+    add_sampling_flags(p.add_argument_group("sampling (GRPO rollouts; SFT's self / oracle targets)"))
     g = p.add_argument_group("optimisation (per stage)")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps per stage (x tasks with --multitask)")
     g.add_argument("--batch_size", type=int, default=batch_size, help="items (SFT) or prompts (GRPO) per step, global")
