@@ -2,6 +2,7 @@
 
     python3 tools/reach.py cpt_rft.py:grpo_step          # one GRPO step
     python3 tools/reach.py cpt_sft.py:sft_step --list    # one SFT step, each definition named
+    python3 tools/reach.py cpt_rft.py:grpo_step --stop data.rewards   # not following into the verifier
 
 From the start, every name the function's body uses that resolves to a function, method or class of the project
 (a module's own top level, `import module` + `module.name`, `from module import name`, `self.name` in a class) is
@@ -57,12 +58,12 @@ def imports(tree, mods):
     return names
 
 
-def reach(start_mod, start_name, mods, defs):
+def reach(start_mod, start_name, mods, defs, stop=()):
     seen, todo = set(), [(start_mod, start_name)]
     imported = {m: imports(t, mods) for m, t in mods.items()}
     while todo:
         key = todo.pop()
-        if key in seen or key not in defs:
+        if key in seen or key not in defs or key[0] in stop:
             continue
         seen.add(key)
         mod, qual = key
@@ -102,7 +103,8 @@ def main():
     start = (path[:-3].replace("/", "."), name)
     if start not in defs:
         sys.exit(f"reach.py: no definition {name} in {path}")
-    seen = reach(*start, mods, defs)
+    stop = [sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--stop"]
+    seen = reach(*start, mods, defs, stop)
     # a method inside a reached class is counted once: the class's span holds it
     classes = {(m, q) for m, q in seen if isinstance(defs[(m, q)], ast.ClassDef)}
     counted = [k for k in seen if not ("." in k[1] and (k[0], k[1].split(".")[0]) in classes)]
