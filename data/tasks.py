@@ -450,7 +450,8 @@ def text_model_errors(spec, items, vlm, model):
     """The refusal of an image task for a text-only model, before any load: as a message in a list (or none)."""
     if askable(items, vlm):
         return []
-    return [f"{items[0].get('where', spec)}: has images but {model} is a text-only model"]
+    first = next(it for it in items if it["images"])
+    return [f"{first.get('where', spec)}: has images but {model} is a text-only model"]
 
 
 def task_name(spec):

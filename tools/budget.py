@@ -46,7 +46,7 @@ def main(argv=None):
         for kind in ["greedy"] + (["sampled"] if args.samples else []):
             t0 = time.time()
             comps, cut = runtime.sample(lm, items, args.format, args.max_budget, args.temperature,
-                                        greedy=kind == "greedy", n=1 if kind == "greedy" else args.samples)
+                                        greedy=kind == "greedy", group=1 if kind == "greedy" else args.samples)
             shares = [cut_share([len(c) for c in comps], [not t for t in cut], b) for b in args.budgets]
             print(f"{task_name(spec):<11} {kind:<8} " + " ".join(f"{100 * s:5.0f}%" for s in shares) +
                   f"   ({time.time() - t0:.0f} s)", flush=True)

@@ -98,12 +98,17 @@ def main():
     if len(sys.argv) < 2 or ":" not in sys.argv[1]:
         sys.exit(__doc__)
     path, name = sys.argv[1].split(":")
+    path = os.path.normpath(path)
     mods = project_modules()
     defs = definitions(mods)
     start = (path[:-3].replace("/", "."), name)
     if start not in defs:
         sys.exit(f"reach.py: no definition {name} in {path}")
     stop = [sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--stop"]
+    unknown = [m for m in stop if m not in mods or m == start[0]]
+    if unknown:
+        sys.exit(f"reach.py: --stop {' '.join(unknown)}: not a project module other than the start's "
+                 f"({', '.join(sorted(mods))})")
     seen = reach(*start, mods, defs, stop)
     # a method inside a reached class is counted once: the class's span holds it
     classes = {(m, q) for m, q in seen if isinstance(defs[(m, q)], ast.ClassDef)}
@@ -113,7 +118,7 @@ def main():
     print(f"{sys.argv[1]}: {len(seen)} definitions, {lines} lines, {len(files)} files ({', '.join(files)})")
     if "--list" in sys.argv:
         for m, q in sorted(seen, key=lambda k: (k[0], defs[k].lineno)):
-            print(f"  {m}.py:{defs[(m, q)].lineno} {q} ({span(defs[(m, q)])} lines)")
+            print(f"  {m.replace('.', '/')}.py:{defs[(m, q)].lineno} {q} ({span(defs[(m, q)])} lines)")
 
 
 if __name__ == "__main__":
