@@ -365,7 +365,7 @@ def main(argv=None):
     refuse(input_errors(args, positive=("gen_batch", "ppo_epochs", "rif_k"), at_least_two=("group",)) +
            objective_errors(args.clip_low, args.clip_high, args.kl_coef, args.probe_general))
 
-    grpo = GRPOConfig.from_args(args)
+    cfg = GRPOConfig.from_args(args)
     with Run("rft", args) as run:
         lm, device = run.lm, run.device
         for stage in run.pending_stages():
@@ -377,7 +377,7 @@ def main(argv=None):
             # a multi-task stage trains on all tasks: it gets the whole sequence's budget, steps x tasks
             stream, steps = Stream(stage.specs, (args.seed, stage.k)), args.steps * len(stage.specs)
             if args.rif != "none":  # RIF-RFT: the same passes over the instances that can teach, so fewer steps
-                kept, stats = rif_filter(lm, stream.next(steps * args.batch_size), args.rif, args.rif_k, grpo, device)
+                kept, stats = rif_filter(lm, stream.next(steps * args.batch_size), args.rif, args.rif_k, cfg, device)
                 run.log(stage=stage.k, rif=stats)
                 stream = Stream.from_items(kept, (args.seed, stage.k)) if kept else stream
                 steps = max(1, math.ceil(steps * stats["kept_fraction"])) if kept else 0
@@ -387,7 +387,7 @@ def main(argv=None):
             rows = []
             for step in tqdm(range(steps), desc=f"grpo stage {stage.k}", disable=runtime.rank() != 0):
                 items = runtime.share(stream.next(args.batch_size))  # the global batch: this rank's part
-                table, rewards, silent, update = grpo_step(lm, ref, opt, items, grpo, device)
+                table, rewards, silent, update = grpo_step(lm, ref, opt, items, cfg, device)
                 m = step_metrics(table, rewards, silent, update, args.group, device)
                 if probe is not None:
                     m["general_ll_delta"] = probe()

@@ -75,19 +75,19 @@ def main():
         loss, _, _ = sft_step(b, opt, mine, "plain", 1, device, uneven[0])
         losses.append(loss)
     # GRPO: fixed "rollouts" (varied lengths) and advantages, 2 updates, with a KL term to a reference
-    args = GRPOConfig(micro_batch=3, ppo_epochs=2, kl_coef=0.05, loss_agg=a.loss_agg, max_new_tokens=8)
+    cfg = GRPOConfig(micro_batch=3, ppo_epochs=2, kl_coef=0.05, loss_agg=a.loss_agg, max_new_tokens=8)
     ref = runtime.load_model(runtime.DEFAULT_MODEL, device)
     pool = builtin_items("right_shape", "train", 8)
     seqs = [(it, b.tok("It is " + " ".join(["circle"] * (1 + i % 4)) + ".")["input_ids"] + [b.eos_id],
              (-1) ** i * (0.5 + i / 10)) for i, it in enumerate(pool)]
     per = len(seqs) // world
-    m = grpo_update(b, ref, opt, seqs[rank * per:(rank + 1) * per], args, device)
+    m = grpo_update(b, ref, opt, seqs[rank * per:(rank + 1) * per], cfg, device)
     losses.append(m["grad_norm"])
     # uneven GRPO: 5 + 1 sequences with silent sequences counted in the normaliser (2 + 0), then 6 + 0
     for split in (5, 6):
         mine = seqs[:6] if world == 1 else (seqs[:split] if rank == 0 else seqs[split:6])
         extra = (7, 2) if world == 1 else ((7, 2) if rank == 0 else (0, 0))
-        m = grpo_update(b, ref, opt, mine, args, device, filler=pool[0], normaliser_extra=extra)
+        m = grpo_update(b, ref, opt, mine, cfg, device, filler=pool[0], normaliser_extra=extra)
         losses.append(m["grad_norm"])
     sd = lora.merged(runtime.full_state_dict(b.model), lora.scale_of(b.model))  # what save_checkpoint writes
     runtime.save_checkpoint(b, os.path.join(a.out, f"ckpt-world{world}"))
