@@ -203,7 +203,7 @@ def main():
                                                              if peak else ", MFU n/a (no known GPU peak)"))
     # GRPO: rollout (generate G per prompt) + one update on all G x batch sequences
     from cpt_rft import GRPOConfig, grpo_update, shares_prompt
-    cfg = GRPOConfig(micro_batch=a.batch, max_new_tokens=a.max_new_tokens)
+    grpo_cfg = GRPOConfig(micro_batch=a.batch, max_new_tokens=a.max_new_tokens)
     prompts = items[:max(1, a.batch // a.group)]
     t_roll = t_upd = comp_tokens = 0
     for step in range(a.steps + 1):
@@ -214,7 +214,7 @@ def main():
         t1 = time.time()
         seqs = [(it, c, 1.0 if i % 2 else -1.0) for i, (it, c) in
                 enumerate(zip([it for it in prompts for _ in range(a.group)], comps))]
-        grpo_update(b, None, opt, seqs, cfg, device)
+        grpo_update(b, None, opt, seqs, grpo_cfg, device)
         sync()
         if step:  # the first is warm-up
             t_roll += t1 - t0
