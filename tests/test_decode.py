@@ -24,7 +24,7 @@ def old_next_token(logits, forbidden, temperature=1.0, greedy=False):
 
 
 @torch.no_grad()
-def old_sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", n=1):
+def old_sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, device="cpu", group=1):
     """runtime.sample as it was (commit 4aa5710): a growing cache, a torch.cat of the mask and two host syncs
     (the NaN check and the stop check) every step."""
     model = lm.model
@@ -36,10 +36,10 @@ def old_sample(lm, items, fmt, max_new_tokens, temperature=1.0, greedy=False, de
     with gathered(model), autocast(device):
         out = model(**batch, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache, logits = _kv_cache(out), out.logits[:, -1].float()
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits, mask, pos = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), \
-                pos.repeat_interleave(n, -2)
+        if group > 1:
+            cache.batch_repeat_interleave(group)
+            logits, mask, pos = logits.repeat_interleave(group, 0), mask.repeat_interleave(group, 0), \
+                pos.repeat_interleave(group, -2)
         next_pos = pos.amax(-1, keepdim=True) + 1
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         steps = []
@@ -86,7 +86,7 @@ def test_sampled_rollouts_draw_the_same_tokens_as_the_old_sampler_on_cpu():
     torch.manual_seed(1)
     ours, _ = runtime.sample(B, items, "free", 32, 1.0, group=8)
     torch.manual_seed(1)
-    old, _ = old_sample(B, items, "free", 32, 1.0, n=8)
+    old, _ = old_sample(B, items, "free", 32, 1.0, group=8)
     assert ours == old and len({tuple(c) for c in ours}) > 10
 
 

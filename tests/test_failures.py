@@ -160,8 +160,11 @@ def test_a_truncated_gguf_is_named_without_a_traceback(tmp_path):
 
 def test_ctrl_c_says_where_the_run_stopped_and_that_it_resumes(tmp_path):
     out = tmp_path / "run"
+    # Ctrl-C as in a terminal: a suite started in the background (`pytest &`) passes SIGINT on ignored, and Python
+    # then never raises KeyboardInterrupt
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "cpt_sft.py"), *TINY, "--steps", "400", "--out",
-                          str(out)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          str(out)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():   # training has begun
         assert p.poll() is None and time.time() < deadline, p.communicate()
