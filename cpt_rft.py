@@ -263,8 +263,7 @@ def step_metrics(table, rewards, silent, update, group, device):
             "silent_groups": n_silent / n_groups, "truncated": n_trunc / n_samples,
             "completion_len": tokens / n_samples, "reward_var": var_sum / n_groups,
             "prompts_with_correct": n_any / n_groups, "format_only_groups": n_format_only / n_groups,
-            "rollout_tok_per_s": round(tokens / max(update["rollout_s"], 1e-9), 1), **update,
-            "rollout_s": round(update["rollout_s"], 3), "update_s": round(update["update_s"], 3)}
+            "rollout_tok_per_s": round(tokens / max(update["rollout_s"], 1e-9), 1), **update}
 
 
 def format_only(scores, tol=REWARD_TOL):

@@ -31,7 +31,7 @@ everything else frozen); each stage's checkpoint has them merged into plain weig
     python3 cpt_sft.py --sft_data self                # SFT on the model's own correct rollouts (P2)
     python3 cpt_sft.py --sft_data oracle              # SFT on the base's own correct samples (RL's Razor)
     python3 cpt_sft.py --sft_data voice               # the canonical answers, said in the model's own words
-    python3 cpt_sft.py --lora_rank 8 --lr 1e-3        # LoRA-SFT: rank-8 adapters only, merged into each checkpoint
+    python3 cpt_sft.py --lora_rank 8                  # LoRA-SFT: rank-8 adapters only, merged into each checkpoint
     python3 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed
     torchrun --standalone --nproc_per_node=8 cpt_sft.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\
         --tasks a.jsonl b.jsonl --lr 1e-5 --format boxed

@@ -86,8 +86,8 @@ class Run:
                     f"{k} {v}" for k, v in image_tokens(self.lm, self.specs).items()))
             # the KL to the base on the CPT tasks' prompts, and on the general tasks' (where damage the first misses
             # shows)
-            self.kl_items = {t: v[:self.kl_n] for t, v in self.eval_sets.items()
-                             if v[:self.kl_n] and askable(v[:self.kl_n], self.lm.is_vlm)}
+            firsts = {t: v[:self.kl_n] for t, v in self.eval_sets.items()}
+            self.kl_items = {t: v for t, v in firsts.items() if v and askable(v, self.lm.is_vlm)}
             samples = self.base_row() if not self.res["rows"] else None
             self.samples = self.keep_on_disk(samples, rank_)
             self.log = open_log(os.path.join(self.out, "log.jsonl"), self.done)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.tasks import FORMAT_INSTRUCTIONS, answer_text, askable, open_image
+from data.tasks import FORMAT_INSTRUCTIONS, answer_text, open_image
 from lora import apply_lora, merged, scale_of, trainable_parameters
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -408,7 +408,7 @@ def encode(lm, items, fmt, completions=None):
     marks those tokens with 1: transformers computes 3-D M-RoPE positions only when it is given."""
     images = []
     for it in items:
-        if not askable([it], lm.is_vlm):  # the input checks refuse it first; this guards direct calls
+        if it["images"] and not lm.is_vlm:  # the input checks refuse it first (data.tasks.askable)
             raise ValueError(f"{it.get('where', 'a task item')}: has images but the model is text-only")
         images += [(im, it.get("where", "?")) for im in it["images"]]
     out, counts = {}, []

@@ -234,3 +234,5 @@ def test_an_image_task_is_askable_of_a_vision_model_only():
     assert text_model_errors("t.jsonl", [image], vlm=False, model="m") == [
         "t.jsonl:3: has images but m is a text-only model"]
     assert text_model_errors("t.jsonl", [image], vlm=True, model="m") == []
+    text["where"] = "t.jsonl:1"  # a file whose first line is text: the message names the line with images
+    assert text_model_errors("t.jsonl", [text, image], vlm=False, model="m")[0].startswith("t.jsonl:3:")
