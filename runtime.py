@@ -487,17 +487,10 @@ def target_ids(lm, answer, fmt):
 
 # ----------------------------------------------------------------------------- 5. sampling and log-probs
 
-def mask_forbidden(logits, forbidden):
-    """Logits with the never-sampled tokens at -inf; used by the sampler and by the loss alike."""
-    if forbidden:
-        logits = logits.clone()
-        logits[..., forbidden] = float("-inf")
-    return logits
-
-
 def forbidden_bias(forbidden, vocab, device):
-    """[V]: 0, and -inf on the never-sampled tokens. Added to logits it masks them exactly as mask_forbidden does
-    (x + 0 is x), in one op per decoding step instead of a copy and an indexed write."""
+    """[V]: 0, and -inf on the never-sampled tokens (image pads, vision markers, padding). Added to logits it masks
+    them (x + 0 is x) in one op, in the sampler and in the loss alike: a forbidden token is never drawn and has
+    log-prob -inf."""
     bias = torch.zeros(vocab, device=device)
     bias[list(forbidden)] = float("-inf")
     return bias
@@ -686,7 +679,7 @@ def completion_logprobs(logits, targets, comp_mask, forbidden, temperature):
     """log pi(target) at every completion position, from its logits: the never-sampled tokens masked out and the
     temperature applied, as in the sampler. Padding positions are zeroed: their targets are forbidden tokens
     (log p = -inf), and -inf * 0 would be NaN."""
-    logits = mask_forbidden(logits, forbidden) / temperature
+    logits = (logits + forbidden_bias(forbidden, logits.shape[-1], logits.device)) / temperature
     logp = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(comp_mask == 0, 0.0)
 

@@ -17,7 +17,7 @@ TEXT = ["add", "successor", "parity", "capital"]
 def old_next_token(logits, forbidden, temperature=1.0, greedy=False):
     if torch.isnan(logits).any() or torch.isposinf(logits).any():
         raise runtime.Diverged("NaN")
-    logits = runtime.mask_forbidden(logits, forbidden)
+    logits = logits.index_fill(-1, torch.tensor(forbidden, dtype=torch.long), float("-inf"))
     if greedy:
         return logits.argmax(-1)
     return torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)

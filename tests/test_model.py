@@ -111,8 +111,8 @@ def test_exactly_the_answer_tokens_carry_sft_loss():
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, lp:][cmask.bool()] = batch["input_ids"][:, lp:][cmask.bool()]
     assert int((labels != -100).sum()) == n
-    with torch.no_grad():  # the same renormalisation over samplable tokens as the sampler (see mask_forbidden)
-        logits = runtime.mask_forbidden(B.model(**batch).logits, B.forbidden)
+    with torch.no_grad():  # the same renormalisation over samplable tokens as the sampler (see forbidden_bias)
+        logits = B.model(**batch).logits.index_fill(-1, torch.tensor(B.forbidden), float("-inf"))
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                           ignore_index=-100, reduction="sum") / n
     assert torch.allclose(ours, ref, atol=1e-5)
@@ -147,7 +147,7 @@ def test_data_nll_of_gold_and_own_rollouts():
     for it, g in zip(items, gold):
         batch, prompt_len, _ = runtime.encode(B, [it], "plain", [g])
         with torch.no_grad():
-            logits = runtime.mask_forbidden(B.model(**batch).logits[0].float(), B.forbidden)
+            logits = B.model(**batch).logits[0].float().index_fill(-1, torch.tensor(B.forbidden), float("-inf"))
         logprobs = F.log_softmax(logits, -1)
         for pos, tok in enumerate(g):
             nll -= logprobs[prompt_len + pos - 1, tok].item()

@@ -16,7 +16,8 @@ def hf_greedy(lm, items, fmt, max_new_tokens):
     """The reference: transformers' generate, greedy, with the sampler's forbidden tokens masked the same way."""
     from transformers import LogitsProcessorList
     batch, prompt_len, _ = runtime.encode(lm, items, fmt)
-    forbid = lambda ids, scores: runtime.mask_forbidden(scores, lm.forbidden)  # noqa: E731
+    banned = torch.tensor(lm.forbidden, dtype=torch.long)
+    forbid = lambda ids, scores: scores.index_fill(-1, banned, float("-inf"))  # noqa: E731
     with torch.no_grad():
         out = lm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=lm.eos_id,
                                 pad_token_id=lm.pad_id, logits_processor=LogitsProcessorList([forbid]))

@@ -58,7 +58,7 @@ def first_token_logprobs(lm, items, fmt, device, batch_size=128):
     for i in range(0, len(items), batch_size):
         batch, _, _ = runtime.encode(lm, items[i:i + batch_size], fmt)
         logits = lm.model(**runtime.to_device(batch, device), logits_to_keep=1, use_cache=False).logits[:, -1].float()
-        out.append(F.log_softmax(runtime.mask_forbidden(logits, lm.forbidden), -1))
+        out.append(F.log_softmax(logits + runtime.forbidden_bias(lm.forbidden, logits.shape[-1], logits.device), -1))
     return torch.cat(out)
 
 
