@@ -150,11 +150,12 @@ printf '%s\n' "${jobs[@]}" | OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore xargs -P 2 
 kill $monitor 2>/dev/null || true
 echo "runs done in $(( $(date +%s) - start )) s; logs: $OUT/*.log"
 if [ "$MODE" = sweep ] || [ "$MODE" = real-sweep ]; then
-  python3 evaluate.py "$OUT"/sft-lr*/ $(ls -d "$OUT"/sft-voice-lr*/ "$OUT"/sft-self-lr*/ "$OUT"/sft-oracle-lr*/ \
-    "$OUT"/sft-lora-lr*/ 2>/dev/null) "$OUT"/rft-lr*/ --report "$OUT/report" --frontier
+  # the arms this sweep ran (an empty rate list leaves one out)
+  python3 evaluate.py $(ls -d "$OUT"/sft-lr*/ "$OUT"/sft-voice-lr*/ "$OUT"/sft-self-lr*/ "$OUT"/sft-oracle-lr*/ \
+    "$OUT"/sft-lora-lr*/ "$OUT"/rft-lr*/ "$OUT"/rft-lora-lr*/ 2>/dev/null) --report "$OUT/report" --frontier
 elif [ "$MODE" = real ]; then
-  python3 evaluate.py "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ $(ls -d "$OUT"/sft-self-*/ "$OUT"/sft-lora-[0-9]*/ 2>/dev/null) \
-    --report "$OUT/report" --frontier
+  python3 evaluate.py $(ls -d "$OUT"/sft-[0-9]*/ "$OUT"/rft-[0-9]*/ "$OUT"/sft-self-*/ "$OUT"/sft-lora-[0-9]*/ \
+    "$OUT"/rft-lora-[0-9]*/ 2>/dev/null) --report "$OUT/report" --frontier
 elif [ "$MODE" = multitask ]; then
   python3 evaluate.py "$OUT"/sft-multitask-*/ "$OUT"/rft-multitask-*/ --report "$OUT/report"
 else
