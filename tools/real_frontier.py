@@ -7,6 +7,7 @@ tables (docs/findings.md: "On a real pretrained chat model", "P2's control on th
 sections), copied below as they were recorded. A folder's arm and rate replace a recorded row of the same.
 
     python3 tools/real_frontier.py --test runs/real/*-[0-9]/ --out docs/real-lora-frontier.png
+    (session 11 added LoRA-GRPO: --val runs/real-sweep/rft-lora-lr*/ --test ... runs/real-lrft-*/rft-lora-[0-9]/)
 """
 import argparse
 import os
@@ -23,7 +24,7 @@ RECORDED_VAL = [("SFT", "3e-06", -5.0, -35.0), ("SFT", "1e-05", -5.5, -56.5), ("
                 ("LoRA-SFT", "0.0003", -7.0, -55.0), ("LoRA-SFT", "0.001", 4.5, -64.5)]
 RECORDED_TEST = [("SFT", "3e-05", 3.7, -54.2, 0.8, 1.3), ("self-SFT", "3e-05", 14.7, -29.2, 7.2, 5.3),
                  ("GRPO", "3e-06", 13.2, -9.5, 0.8, 0.7), ("LoRA-SFT", "0.0001", -10.2, -26.1, 1.6, 3.0)]
-COLOUR = {"SFT": "#1f77b4", "GRPO": "#d62728", "self-SFT": "#2ca02c", "LoRA-SFT": "#9467bd"}
+COLOUR = {"SFT": "#1f77b4", "GRPO": "#d62728", "self-SFT": "#2ca02c", "LoRA-SFT": "#9467bd", "LoRA-GRPO": "#ff7f0e"}
 
 
 def arm(config):
