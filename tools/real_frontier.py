@@ -2,12 +2,13 @@
 per run (validation sweep) or per arm (test, mean +- std over seeds).
 
 Runs given as folders are read from their results.json (evaluate.metrics), each put in its arm by its config (GRPO,
-SFT, self-SFT, LoRA-SFT) and its learning rate; the runs whose folders are not kept come from the research record's
-tables (docs/findings.md: "On a real pretrained chat model", "P2's control on the real model", the LoRA-SFT
-sections), copied below as they were recorded. A folder's arm and rate replace a recorded row of the same.
+SFT, self-SFT, LoRA-SFT, LoRA-GRPO) and its learning rate; the runs whose folders are not kept come from the research
+record's tables (docs/findings.md: "On a real pretrained chat model", "P2's control on the real model", the LoRA-SFT
+and LoRA-GRPO sections), copied below as they were recorded. A folder's arm and rate replace a recorded row of the
+same. With no folders at all it draws the recorded rows alone (docs/real-lora-frontier.png):
 
-    python3 tools/real_frontier.py --test runs/real/*-[0-9]/ --out docs/real-lora-frontier.png
-    (session 11 added LoRA-GRPO: --val runs/real-sweep/rft-lora-lr*/ --test ... runs/real-lrft-*/rft-lora-[0-9]/)
+    python3 tools/real_frontier.py --out docs/real-lora-frontier.png
+    python3 tools/real_frontier.py --val runs/real-sweep/*-lr*/ --test runs/real/*-[0-9]/ --out frontier.png
 """
 import argparse
 import os
@@ -21,9 +22,14 @@ from evaluate import _figure, load_run, mean_std, metrics  # noqa: E402
 RECORDED_VAL = [("SFT", "3e-06", -5.0, -35.0), ("SFT", "1e-05", -5.5, -56.5), ("SFT", "3e-05", 10.5, -58.5),
                 ("GRPO", "3e-06", 21.0, -7.5), ("GRPO", "1e-05", 17.0, -25.0), ("GRPO", "3e-05", 17.0, -33.0),
                 ("LoRA-SFT", "3e-05", -5.5, -3.0), ("LoRA-SFT", "0.0001", -17.5, -24.5),
-                ("LoRA-SFT", "0.0003", -7.0, -55.0), ("LoRA-SFT", "0.001", 4.5, -64.5)]
+                ("LoRA-SFT", "0.0003", -7.0, -55.0), ("LoRA-SFT", "0.001", 4.5, -64.5),
+                ("LoRA-GRPO", "1e-05", 4.5, -1.75), ("LoRA-GRPO", "3e-05", 11.0, -5.25),
+                ("LoRA-GRPO", "0.0001", 11.0, -9.25), ("LoRA-GRPO", "0.0003", 11.0, -27.0),
+                ("LoRA-GRPO", "0.001", 9.0, -29.7)]
 RECORDED_TEST = [("SFT", "3e-05", 3.7, -54.2, 0.8, 1.3), ("self-SFT", "3e-05", 14.7, -29.2, 7.2, 5.3),
-                 ("GRPO", "3e-06", 13.2, -9.5, 0.8, 0.7), ("LoRA-SFT", "0.0001", -10.2, -26.1, 1.6, 3.0)]
+                 ("GRPO", "3e-06", 13.2, -9.5, 0.8, 0.7), ("LoRA-SFT", "0.0001", -10.2, -26.1, 1.6, 3.0),
+                 ("LoRA-SFT", "3e-05", -1.0, -1.5, 0.9, 0.7), ("LoRA-GRPO", "0.0003", 13.7, -23.5, 3.8, 5.2),
+                 ("LoRA-GRPO", "3e-05", 5.0, -2.9, 2.3, 0.8)]
 COLOUR = {"SFT": "#1f77b4", "GRPO": "#d62728", "self-SFT": "#2ca02c", "LoRA-SFT": "#9467bd", "LoRA-GRPO": "#ff7f0e"}
 
 
